@@ -1,0 +1,32 @@
+"""``python -m robustsweep [overrides]`` runs one job; ``-m`` sweeps (see README)."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from robustsweep.config import CONF_DIR, ConfigError, register_configs
+
+log = logging.getLogger("robustsweep")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _task(cfg: DictConfig) -> dict[str, float]:
+    from robustsweep.pipeline import run
+
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        raise
+
+
+def main() -> None:
+    register_configs()
+    _task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Attacks (torchattacks) and the evaluation that turns them into clean/robust accuracy and ASR.
+
+Definitions (n = evaluation images, c = images the model classifies correctly when clean):
+  clean_acc  = c / n
+  asr        = (correct images the attack flips) / c       -- NaN when c == 0, never 0
+  robust_acc = (images correct both clean and attacked) / n = clean_acc * (1 - asr)
+
+Only the c originally-correct images need attacking for these numbers, so only they are.
+The model is in eval mode with parameters frozen throughout: BatchNorm statistics never move and
+no parameter gradients are computed. Every adversarial batch is checked to lie in the eps-ball
+(L-inf, +1e-6) and in [0, 1].
+
+Adding an attack: one YAML in conf/attack/ with ``name: <yours>`` and one function here decorated
+with ``@register_attack("<yours>")`` returning ``f(images, labels) -> adversarial images``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torchattacks
+from omegaconf import DictConfig
+from torch import nn
+
+from robustsweep.data import to_float
+from robustsweep.progress import progress
+
+log = logging.getLogger(__name__)
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ATTACKS: dict[str, Callable[..., AttackFn]] = {}
+EPS_TOL = 1e-6
+
+
+def register_attack(name: str) -> Callable[[Callable[..., AttackFn]], Callable[..., AttackFn]]:
+    def deco(fn: Callable[..., AttackFn]) -> Callable[..., AttackFn]:
+        ATTACKS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_attack("none")
+def no_attack(model: nn.Module, eps: float, **_: object) -> AttackFn:
+    """The identity: robust_acc == clean_acc, asr == 0. A control cell."""
+    return lambda x, y: x
+
+
+@register_attack("fgsm")
+def fgsm(model: nn.Module, eps: float, **_: object) -> AttackFn:
+    """FGSM, Goodfellow et al. 2015, arXiv:1412.6572: one signed-gradient step of size eps."""
+    return torchattacks.FGSM(model, eps=eps)
+
+
+@register_attack("pgd")
+def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
+        random_start: bool = True, **_: object) -> AttackFn:
+    """L-inf PGD, Madry et al. 2018, arXiv:1706.06083.
+
+    ``step_size=None`` uses 2.5 * eps / steps (Madry et al.'s rule), so it scales with eps.
+    """
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+
+
+def build_attack(model: nn.Module, eps: float, cfg: DictConfig) -> AttackFn:
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "batch_size")}
+    if kwargs.get("step_size") is not None:
+        from robustsweep.config import parse_epsilon
+
+        kwargs["step_size"] = parse_epsilon(kwargs["step_size"])
+    return ATTACKS[cfg.name](model, eps=eps, **kwargs)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` for the duration; both restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+class AttackGuardError(RuntimeError):
+    """An attack produced an input outside the threat model."""
+
+
+def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> None:
+    if x_adv.shape != x.shape:
+        raise AttackGuardError(f"attack changed the batch shape {tuple(x.shape)} -> {tuple(x_adv.shape)}")
+    dist = (x_adv - x).abs().amax().item() if x.numel() else 0.0
+    if dist > eps + EPS_TOL:
+        raise AttackGuardError(f"adversarial batch leaves the eps-ball: L-inf {dist:.6g} > eps {eps:.6g}")
+    lo, hi = x_adv.min().item(), x_adv.max().item()
+    if lo < 0.0 or hi > 1.0:
+        raise AttackGuardError(f"adversarial batch leaves [0, 1]: range [{lo:.4g}, {hi:.4g}]")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Class predictions for uint8 images, in batches."""
+    return torch.cat([model(to_float(x_uint8[i:i + batch_size])).argmax(1)
+                      for i in range(0, len(x_uint8), batch_size)]) if len(x_uint8) else \
+        torch.empty(0, dtype=torch.long, device=x_uint8.device)
+
+
+@dataclass
+class EvalResult:
+    n_eval: int
+    n_correct: int
+    n_fooled: int
+    clean_pred: torch.Tensor  # (n_eval,)
+    adv_pred: torch.Tensor  # (n_eval,): = clean_pred where not attacked (clean-wrong images)
+
+    @property
+    def clean_acc(self) -> float:
+        return self.n_correct / self.n_eval
+
+    @property
+    def robust_acc(self) -> float:
+        return (self.n_correct - self.n_fooled) / self.n_eval
+
+    @property
+    def asr(self) -> float:
+        return self.n_fooled / self.n_correct if self.n_correct else float("nan")
+
+
+def evaluate(model: nn.Module, attack: AttackFn, x_uint8: torch.Tensor, y: torch.Tensor,
+             eps: float, batch_size: int, desc: str = "attack") -> EvalResult:
+    """Clean predictions, then attack the correctly classified images batch by batch."""
+    with frozen(model):
+        clean_pred = predict(model, x_uint8, batch_size)
+        correct_idx = (clean_pred == y).nonzero().flatten()
+        adv_pred = clean_pred.clone()
+        n_fooled = 0
+        for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
+            idx = correct_idx[i:i + batch_size]
+            x, yb = to_float(x_uint8[idx]), y[idx]
+            x_adv = attack(x, yb)
+            check_adversarial(x, x_adv, eps)
+            with torch.inference_mode():
+                p = model(x_adv).argmax(1)
+            adv_pred[idx] = p
+            n_fooled += int((p != yb).sum())
+    res = EvalResult(n_eval=len(y), n_correct=len(correct_idx), n_fooled=n_fooled,
+                     clean_pred=clean_pred, adv_pred=adv_pred)
+    if res.n_correct == 0:
+        log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
+                    res.n_eval)
+    return res

@@ -1,0 +1,113 @@
+"""Checkpoints without pickle: safetensors, written atomically, verified by SHA-256 on load.
+
+A ``.safetensors`` file holds only tensors, so loading one cannot execute code. User weights in
+``.pt``/``.pth`` form are read with ``torch.load(weights_only=True)``, which refuses pickled
+objects other than tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupted or does not fit the model."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> str:
+    """Save ``model.state_dict()`` as safetensors + a JSON sidecar with its SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sidecar = {"sha256": digest, **(meta or {})}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+    return digest
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def load_state(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict without executing pickled code; check its hash when one is known."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise CheckpointError(f"checkpoint {path} does not match its recorded SHA-256 "
+                              f"(truncated or modified)")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors/pickle errors have no common base class
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return obj
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load into a ``Normalized`` model, or into its inner ``net`` for bare-network weights."""
+    target = model
+    has_wrapper_keys = any(k.startswith("net.") for k in state)
+    if not has_wrapper_keys and hasattr(model, "net"):
+        target = model.net  # a plain network's weights: keep our normalisation buffers
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {source} does not fit model "
+                              f"{type(target).__name__}: {e}") from e

@@ -1,0 +1,224 @@
+"""Config schema, epsilon parsing and validation.
+
+Two layers of checking, both before any data is read or any MLflow run is created:
+
+1. *Types* — the dataclass ``Config`` is registered in Hydra's ConfigStore as ``base_config`` and
+   is the first entry of ``conf/config.yaml``'s defaults list, so ``sparsity=abc`` or
+   ``seed=1.5`` fail while Hydra composes the config.
+2. *Values* — ``validate(cfg)`` checks ranges and cross-key rules (sparsity in [0, 1), eps in
+   [0, 1], ``8/255`` fractions, checkpoint files, known attack/prune names...). The
+   ``validating`` sweeper (``hydra_plugins/robustsweep_sweeper``) calls it on *every* job of a
+   multirun before the first job starts; ``run()`` calls it again for single runs.
+
+Every error names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = (
+    Path(__file__).parent / "conf"  # installed wheel: configs ship as robustsweep/conf
+    if (Path(__file__).parent / "conf").is_dir()
+    else Path(__file__).parent.parent / "conf"  # source tree / editable install: <repo>/conf
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names key, value and what is allowed."""
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths are resolved against the directory the command was launched from.
+    output_dir: str = "outputs"
+
+
+@dataclass
+class Config:
+    """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
+
+    sparsity: float = 0.0
+    # A float, or a fraction as written in papers ("8/255"); parsed by parse_epsilon().
+    epsilon: Union[float, int, str] = "8/255"  # noqa: UP007  (OmegaConf needs typing.Union)
+    seed: int = 0
+    device: str = "auto"
+    data: Any = None
+    model: Any = None
+    train: Any = None
+    prune: Any = None
+    attack: Any = None
+    attribution: Any = None
+    tracking: Any = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Register the schema (idempotent; Hydra's ConfigStore replaces same-named nodes)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()
+
+
+# ----------------------------------------------------------------------------------- epsilon
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def parse_epsilon(value: float | int | str) -> float:
+    """Return eps in [0, 1] pixel units from ``0.031``, ``"0.031"`` or ``"8/255"``."""
+    allowed = "a number in [0, 1] (pixel units) or a fraction a/b such as 8/255"
+    if isinstance(value, bool):
+        raise ConfigError(f"epsilon={value!r} is not valid; allowed: {allowed}")
+    if isinstance(value, int | float):
+        eps = float(value)
+    else:
+        text = str(value).strip()
+        match = _FRACTION.match(text)
+        if match:
+            num, den = float(match.group(1)), float(match.group(2))
+            if den == 0:
+                raise ConfigError(
+                    f"epsilon={text!r} divides by zero; allowed: {allowed}"
+                )
+            eps = num / den
+        else:
+            try:
+                eps = float(text)
+            except ValueError:
+                raise ConfigError(f"epsilon={text!r} is not a number; allowed: {allowed}") from None
+    if not (0.0 <= eps <= 1.0) or eps != eps:
+        raise ConfigError(f"epsilon={value!r} (= {eps:g}) is outside [0, 1]; allowed: {allowed}")
+    return eps
+
+
+# -------------------------------------------------------------------------------- validation
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is not valid; allowed: {allowed}")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        key, value, "an integer > 0",
+    )
+
+
+def resolve_path(path: str | os.PathLike[str], base: Path | None = None) -> Path:
+    """Resolve a user path against the launch directory (Hydra's original cwd)."""
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else (base or launch_dir()) / p
+
+
+def launch_dir() -> Path:
+    """The directory the command was launched from, even if Hydra changed into a job dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check every value that the type system cannot; return a copy with ``epsilon`` as float.
+
+    Raises ConfigError naming the first bad key. Touches no data and starts nothing, except
+    ``stat`` calls on paths the config names (checkpoint, dataset root).
+    """
+    # Imported here: registries live next to the code they name, which imports torch.
+    from robustsweep.attacks import ATTACKS
+    from robustsweep.data import DATASETS, check_data_config
+    from robustsweep.models import MODELS
+    from robustsweep.prune import PRUNE_METHODS
+
+    cfg = cfg.copy()
+    sparsity = cfg.sparsity
+    _check(0.0 <= sparsity < 1.0, "sparsity", sparsity, "a float in [0, 1)")
+    with _unlocked(cfg):
+        cfg.epsilon = parse_epsilon(cfg.epsilon)
+    _check(bool(DEVICE_RE.match(str(cfg.device))), "device", cfg.device, "auto, cpu, cuda, cuda:N, mps")
+
+    for group in ("data", "model", "train", "prune", "attack", "attribution", "tracking"):
+        _check(isinstance(cfg.get(group), DictConfig), group, cfg.get(group),
+               f"a config group; pick one with {group}=<option>")
+
+    _check(cfg.data.name in DATASETS, "data.name", cfg.data.name, ", ".join(sorted(DATASETS)))
+    check_data_config(cfg.data)
+    _check(cfg.model.name in MODELS, "model.name", cfg.model.name, ", ".join(sorted(MODELS)))
+    ckpt = cfg.model.get("checkpoint")
+    if ckpt:
+        path = resolve_path(ckpt)
+        _check(path.is_file(), "model.checkpoint", str(ckpt),
+               f"an existing .safetensors/.pt file (looked for {path})")
+
+    _positive_int(cfg, "train.epochs")
+    _positive_int(cfg, "train.batch_size")
+    _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a float > 0")
+
+    _check(cfg.prune.method in PRUNE_METHODS, "prune.method", cfg.prune.method,
+           ", ".join(sorted(PRUNE_METHODS)))
+    ft = cfg.prune.finetune_epochs
+    _check(isinstance(ft, int) and ft >= 0, "prune.finetune_epochs", ft, "an integer >= 0")
+    bad_layers = set(cfg.prune.layers) - {"conv", "linear"}
+    _check(not bad_layers and len(cfg.prune.layers) > 0, "prune.layers",
+           list(cfg.prune.layers), "a non-empty subset of [conv, linear]")
+
+    _check(cfg.attack.name in ATTACKS, "attack.name", cfg.attack.name, ", ".join(sorted(ATTACKS)))
+    _positive_int(cfg, "attack.batch_size")
+    if cfg.attack.name == "pgd":
+        _positive_int(cfg, "attack.steps")
+        step = cfg.attack.step_size
+        if step is not None:
+            step = parse_epsilon(step) if not isinstance(step, float) else step
+            _check(0 < step <= 1, "attack.step_size", cfg.attack.step_size,
+                   "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1]")
+
+    n_img = cfg.attribution.n_images
+    _check(isinstance(n_img, int) and n_img >= 0, "attribution.n_images", n_img, "an integer >= 0")
+    if n_img > 0:
+        _positive_int(cfg, "attribution.n_steps")
+        _check(cfg.attribution.baseline in ("black", "white", "gray"), "attribution.baseline",
+               cfg.attribution.baseline, "black, white, gray")
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
+           "a non-empty MLflow experiment name")
+    return cfg
+
+
+@contextlib.contextmanager
+def _unlocked(cfg: DictConfig) -> Iterator[DictConfig]:
+    """Temporarily lift struct/readonly flags to write a normalised value."""
+    struct, readonly = OmegaConf.is_struct(cfg), OmegaConf.is_readonly(cfg)
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.set_readonly(cfg, False)
+    try:
+        yield cfg
+    finally:
+        OmegaConf.set_struct(cfg, struct)
+        OmegaConf.set_readonly(cfg, readonly)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the config as the CLI would, without running anything (tests, notebooks).
+
+    Resolves ``${hydra:...}`` interpolations by returning the config with ``hydra`` kept.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

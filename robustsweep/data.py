@@ -1,0 +1,213 @@
+"""Datasets, decoded once into uint8 tensors that stay resident on the device.
+
+Every loader returns a ``Dataset``: ``x_*`` uint8 NCHW in [0, 255], ``y_*`` int64, plus the
+per-channel mean/std the model normalises with *inside* its forward (see models.py), so attacks
+and eps always work on [0, 1] pixels. Decoding happens once per process per dataset
+(``functools.lru_cache``): the jobs of a multirun share it.
+
+Adding a dataset: one YAML in conf/data/ with ``name: <yours>`` and one function here decorated
+with ``@register_dataset("<yours>")`` that returns ``(x_train, y_train, x_test, y_test, classes)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robustsweep.config import ConfigError, resolve_path
+from robustsweep.progress import progress
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
+DATASETS: dict[str, Callable[[DictConfig], Arrays]] = {}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def register_dataset(name: str) -> Callable[[Callable[[DictConfig], Arrays]], Callable[[DictConfig], Arrays]]:
+    def deco(fn: Callable[[DictConfig], Arrays]) -> Callable[[DictConfig], Arrays]:
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    x_train: torch.Tensor  # uint8 (N, C, H, W)
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: tuple[float, ...]  # per channel, [0, 1] units
+    std: tuple[float, ...]
+    eval_idx: torch.Tensor  # indices into the test split: the fixed evaluation subset
+
+    @property
+    def x_eval(self) -> torch.Tensor:
+        return self.x_test[self.eval_idx]
+
+    @property
+    def y_eval(self) -> torch.Tensor:
+        return self.y_test[self.eval_idx]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_test.shape[1:])  # type: ignore[return-value]
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    return x.float().div_(255.0)
+
+
+# ------------------------------------------------------------------------------------ loaders
+@register_dataset("digits")
+def _digits(cfg: DictConfig) -> Arrays:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 0..16 grey levels): works offline."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    # A fixed, seeded 80/20 split: the same test images whatever the run seed.
+    perm = np.random.default_rng(cfg.get("split_seed", 0)).permutation(len(x))
+    n_test = round(len(x) * cfg.get("test_fraction", 0.2))
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test], [str(i) for i in range(10)]
+
+
+@register_dataset("cifar10")
+def _cifar10(cfg: DictConfig) -> Arrays:
+    """torchvision's CIFAR-10 binary files under ``data.root`` (downloaded if missing)."""
+    from torchvision.datasets import CIFAR10
+
+    root = resolve_path(cfg.root)
+    try:
+        train = CIFAR10(str(root), train=True, download=bool(cfg.download))
+        test = CIFAR10(str(root), train=False, download=bool(cfg.download))
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; "Dataset not found" a RuntimeError
+        raise ConfigError(
+            f"data.root={str(cfg.root)!r}: CIFAR-10 is not at {root} and could not be downloaded "
+            f"({type(e).__name__}: {e}). Offline alternatives: copy the python-version files "
+            f"into that folder, or use an image tree with "
+            f"data=imagefolder data.root=/path/to/cifar10-jpg (train/<class>/*.jpg, test/...), "
+            f"or the bundled data=digits."
+        ) from e
+    to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
+    return (to_nchw(train.data), np.asarray(train.targets, np.int64),
+            to_nchw(test.data), np.asarray(test.targets, np.int64), list(train.classes))
+
+
+def _list_split(split_dir: Path) -> tuple[list[Path], list[str]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    files = [f for c in classes for f in sorted((split_dir / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    return files, classes
+
+
+def _decode(files: list[Path], size: int, channels: int, desc: str) -> np.ndarray:
+    from PIL import Image
+    mode = "RGB" if channels == 3 else "L"
+    out = np.empty((len(files), size, size, channels), np.uint8)
+    for i, f in enumerate(progress(files, desc=desc, unit="img")):
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            out[i] = np.asarray(im).reshape(size, size, channels)
+    return out.transpose(0, 3, 1, 2).copy()
+
+
+@register_dataset("imagefolder")
+def _imagefolder(cfg: DictConfig) -> Arrays:
+    """Any ``root/{train,test}/<class>/*`` tree, decoded once and resized to ``data.size``."""
+    root = resolve_path(cfg.root)
+    tr_files, classes = _list_split(root / "train")
+    te_files, te_classes = _list_split(root / "test")
+    if te_classes != classes:
+        raise ConfigError(f"data.root={str(cfg.root)!r}: test/ classes {te_classes} differ from "
+                          f"train/ classes {classes}")
+    label = {c: i for i, c in enumerate(classes)}
+    x_tr = _decode(tr_files, cfg.size, cfg.channels, "decode train")
+    x_te = _decode(te_files, cfg.size, cfg.channels, "decode test")
+    y_tr = np.array([label[f.parent.name] for f in tr_files], np.int64)
+    y_te = np.array([label[f.parent.name] for f in te_files], np.int64)
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+def check_data_config(cfg: DictConfig) -> None:
+    """Cheap checks of a data config, before anything is decoded (called by validate())."""
+    if cfg.get("n_eval") is not None and (not isinstance(cfg.n_eval, int) or cfg.n_eval <= 0):
+        raise ConfigError(f"data.n_eval={cfg.n_eval!r} is not valid; allowed: null (whole test "
+                          f"split) or an integer > 0")
+    if cfg.name == "imagefolder":
+        if OmegaConf.is_missing(cfg, "root") or not cfg.root:
+            raise ConfigError("data.root is missing; allowed: a folder with train/<class>/* and "
+                              "test/<class>/* images, e.g. data.root=../shared/data/cifar10-jpg")
+        root = resolve_path(cfg.root)
+        for split in ("train", "test"):
+            d = root / split
+            if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+                raise ConfigError(
+                    f"data.root={str(cfg.root)!r}: no {split}/<class>/ folders in {root}; allowed: "
+                    f"a folder with train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder layout)"
+                )
+        if not isinstance(cfg.size, int) or cfg.size <= 0:
+            raise ConfigError(f"data.size={cfg.size!r} is not valid; allowed: an integer > 0")
+        if cfg.channels not in (1, 3):
+            raise ConfigError(f"data.channels={cfg.channels!r} is not valid; allowed: 1, 3")
+
+
+# ------------------------------------------------------------------------------------- facade
+@functools.lru_cache(maxsize=4)
+def _load_cpu(key: str) -> tuple[Arrays, tuple[float, ...], tuple[float, ...]]:
+    cfg = OmegaConf.create(key)
+    arrays = DATASETS[cfg.name](cfg)
+    x_train = arrays[0]
+    # Per-channel statistics of the training split unless the config fixes them.
+    xt = x_train.astype(np.float32) / 255.0
+    mean = tuple(cfg.mean) if cfg.get("mean") else tuple(float(v) for v in xt.mean(axis=(0, 2, 3)))
+    std = tuple(cfg.std) if cfg.get("std") else tuple(float(v) for v in xt.std(axis=(0, 2, 3)))
+    return arrays, mean, std
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The keys of a data config that determine the decoded images (for caches and hashes)."""
+    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in ("n_eval", "subset_seed", "download")}
+    if keep.get("root"):
+        keep["root"] = str(resolve_path(keep["root"]).resolve())
+    return keep
+
+
+def load_dataset(cfg: DictConfig, device: torch.device | str = "cpu") -> Dataset:
+    """Decode (once per process) and move to ``device`` as uint8; pick the eval subset."""
+    key = OmegaConf.to_yaml(OmegaConf.create({**identity(cfg), "download": cfg.get("download")}))
+    (x_tr, y_tr, x_te, y_te, classes), mean, std = _load_cpu(key)
+    n_test = len(x_te)
+    n_eval = cfg.get("n_eval") or n_test
+    if n_eval > n_test:
+        raise ConfigError(f"data.n_eval={n_eval} is larger than the test split ({n_test} images); "
+                          f"allowed: null or an integer in [1, {n_test}]")
+    # The same seeded subset in every job (independent of the run seed), sorted for locality.
+    g = torch.Generator().manual_seed(int(cfg.get("subset_seed", 0)))
+    eval_idx = torch.randperm(n_test, generator=g)[:n_eval].sort().values
+    dev = torch.device(device)
+    ds = Dataset(
+        name=cfg.name, classes=classes,
+        x_train=torch.from_numpy(x_tr).to(dev), y_train=torch.from_numpy(y_tr).to(dev),
+        x_test=torch.from_numpy(x_te).to(dev), y_test=torch.from_numpy(y_te).to(dev),
+        mean=mean, std=std, eval_idx=eval_idx.to(dev),
+    )
+    log.info("data %s: %d train / %d test images of shape %s, eval subset %d",
+             cfg.name, len(x_tr), n_test, ds.shape, n_eval)
+    return ds

@@ -1,0 +1,111 @@
+"""Models take [0, 1] images and normalise inside ``forward`` (as RobustBench models do).
+
+So eps is always in pixel units, attacks clip to [0, 1], and nobody can feed normalised tensors
+to an attack by mistake. ``mean``/``std`` are buffers: they travel with every checkpoint.
+
+Adding a model: one YAML in conf/model/ with ``name: <yours>`` and one function here decorated
+with ``@register_model("<yours>")`` taking ``(in_channels, num_classes, image_size, **cfg)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+class Normalized(nn.Module):
+    """Wraps a network: ``forward(x in [0,1]) = net((x - mean) / std)``."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@register_model("small_cnn")
+def small_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 32,
+              **_: object) -> nn.Module:
+    """Two conv blocks and a linear head (~25k parameters at width 32): digits in seconds."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+        nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * w, num_classes),
+    )
+
+
+class _Block(nn.Module):
+    """Pre-activation-free basic block (He et al. 2016) with a 1x1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+@register_model("resnet_small")
+def resnet_small(in_channels: int, num_classes: int, image_size: int, width: int = 16,
+                 blocks_per_stage: int = 3, **_: object) -> nn.Module:
+    """CIFAR ResNet-20 (He et al. 2016, sec. 4.2): 3 stages of 16/32/64 channels, 0.27M params.
+
+    torchvision has no CIFAR-style ResNet-20, hence this small hand-written one.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    cin = width
+    for stage in range(3):
+        cout = width * 2**stage
+        for b in range(blocks_per_stage):
+            layers.append(_Block(cin, cout, 2 if (b == 0 and stage > 0) else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@register_model("resnet18")
+def resnet18(in_channels: int, num_classes: int, image_size: int, **_: object) -> nn.Module:
+    """torchvision's ResNet-18 in its CIFAR form: 3x3 stride-1 stem, no max-pool (11.2M params)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int,
+                mean: tuple[float, ...], std: tuple[float, ...], **kwargs: object) -> Normalized:
+    """Build a registered network wrapped with in-model normalisation."""
+    net = MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                       **kwargs)
+    return Normalized(net, mean, std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

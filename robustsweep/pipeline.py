@@ -1,0 +1,139 @@
+"""One job: validate -> data -> dense baseline -> prune -> attack -> attribute -> MLflow run.
+
+``run(cfg)`` is a plain function (no Hydra needed: tests call it with a composed config) and
+returns the metrics dict, so any Hydra sweeper can optimise any metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robustsweep import tracking
+from robustsweep.attacks import build_attack, evaluate
+from robustsweep.attribution import integrated_gradients, plot_attributions
+from robustsweep.config import ConfigError, resolve_path, validate
+from robustsweep.data import load_dataset, to_float
+from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
+from robustsweep.train import get_baseline, train_model
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsity_measured",
+                "ig_delta")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present, else CPU. Asking for a device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but no CUDA GPU is available here; allowed: auto, cpu")
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but MPS is not available here; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def _job_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(tempfile.mkdtemp(prefix="robustsweep-"))
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run one (model, prune, sparsity, attack, eps) cell and log it as one MLflow run."""
+    import mlflow
+
+    t_start = time.perf_counter()
+    cfg = validate(cfg)
+    device = resolve_device(cfg.device)
+    out_dir = resolve_path(cfg.paths.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"paths.output_dir={cfg.paths.output_dir!r} cannot be created: {e}") from e
+    eps = float(cfg.epsilon)
+
+    ds = load_dataset(cfg.data, device)
+    model, base = get_baseline(cfg, ds, device, out_dir / "cache" / "baselines")
+
+    # ---- prune (optionally fine-tune with the masks in place), then make it permanent
+    targets = apply_pruning(model, cfg.prune.method, cfg.sparsity, cfg.prune.layers,
+                            cfg.prune.get("exclude") or (), seed=cfg.seed)
+    if cfg.prune.method != "none" and cfg.sparsity > 0 and cfg.prune.finetune_epochs > 0:
+        train_model(model, ds, cfg.train, seed=cfg.seed, epochs=cfg.prune.finetune_epochs,
+                    lr=cfg.prune.finetune_lr, desc="finetune")
+    make_permanent(targets)
+    model.eval()
+    sparsity = measured_sparsity(targets)
+    if cfg.prune.method == "none" and cfg.sparsity > 0:
+        log.warning("prune.method=none: sparsity=%s is ignored (measured %.4f)", cfg.sparsity, sparsity)
+    log.info("pruned %d tensors with %s to measured sparsity %.4f (asked %.4f)",
+             len(targets), cfg.prune.method, sparsity, cfg.sparsity)
+
+    # ---- MLflow run: everything from here on is recorded (a failure marks it FAILED)
+    experiment_id = tracking.setup(cfg)
+    tags = {"robustsweep.baseline": base["source"], **tracking.hydra_tags()}
+    job_dir = _job_dir()
+    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags):
+        mlflow.log_params(tracking.params_of(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+        torch.manual_seed(cfg.seed)  # PGD's random start
+        t0 = time.perf_counter()
+        attack = build_attack(model, eps, cfg.attack)
+        res = evaluate(model, attack, ds.x_eval, ds.y_eval, eps, cfg.attack.batch_size,
+                       desc=f"{cfg.attack.name} eps={eps * 255:.3g}/255")
+        attack_s = time.perf_counter() - t0
+
+        metrics: dict[str, float] = {
+            "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
+            "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
+            "sparsity_measured": sparsity, "baseline_test_acc": float(base["test_acc"]),
+            "attack_s": attack_s,
+        }
+
+        k = min(cfg.attribution.n_images, res.n_eval)
+        if k > 0:
+            t0 = time.perf_counter()
+            idx = ds.eval_idx[:k]
+            x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
+            torch.manual_seed(cfg.seed)
+            x_adv = attack(x, y).detach()
+            attr = integrated_gradients(model, x, x_adv, y, idx, cfg.attribution.n_steps,
+                                        cfg.attribution.baseline,
+                                        cfg.attribution.internal_batch_size)
+            metrics["ig_delta"] = attr.mean_abs_delta
+            npz = job_dir / "attributions.npz"
+            attr.save_npz(str(npz))
+            fig = plot_attributions(
+                attr, ds.classes,
+                f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | "
+                f"{cfg.attack.name} eps {eps * 255:.3g}/255 | IG {cfg.attribution.n_steps} steps, "
+                f"{cfg.attribution.baseline} baseline")
+            png = job_dir / "ig_maps.png"
+            fig.savefig(png, dpi=110)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            mlflow.log_artifact(str(png), "ig")
+            mlflow.log_artifact(str(npz), "ig")
+            metrics["ig_s"] = time.perf_counter() - t0
+
+        metrics["job_s"] = time.perf_counter() - t_start
+        mlflow.log_metrics(metrics)
+
+    log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
+             res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
+    return metrics

@@ -1,0 +1,180 @@
+"""The dense baseline: trained once, cached under outputs/cache/baselines, reused by every job.
+
+The cache key is a SHA-256 of everything that determines the weights (model config, the data's
+identity, training config, seed, code version of this recipe), so a sweep over sparsity/eps
+trains exactly once, and changing e.g. ``train.epochs`` trains a new one.
+
+Training data stays on the device as uint8; augmentation (random crop with zero padding and
+horizontal flip) is done for the whole batch at once with tensor indexing, as in airbench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from robustsweep import data as data_mod
+from robustsweep.checkpoint import (
+    CheckpointError,
+    load_into,
+    load_state,
+    read_meta,
+    save_checkpoint,
+)
+from robustsweep.data import Dataset, to_float
+from robustsweep.models import Normalized, build_model, count_parameters
+from robustsweep.progress import progress
+
+log = logging.getLogger(__name__)
+RECIPE_VERSION = 1  # bump when the training code changes what a given config produces
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random-crop (zero padding ``pad`` px) and horizontal flip, per image, whole batch at once."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device="cpu").to(dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device="cpu").to(dev)
+        rows = (torch.arange(h, device=dev)[None] + dy[:, None])[:, None, :, None]
+        cols = (torch.arange(w, device=dev)[None] + dx[:, None])[:, None, None, :]
+        x = padded[torch.arange(n, device=dev)[:, None, None, None],
+                   torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=gen, device="cpu") < 0.5).to(dev)[:, None, None, None]
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(to_float(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def train_model(model: nn.Module, ds: Dataset, cfg: DictConfig, seed: int, epochs: int | None = None,
+                lr: float | None = None, desc: str = "train") -> list[dict[str, float]]:
+    """SGD + Nesterov with a one-cycle schedule and label smoothing; returns per-epoch history."""
+    epochs = epochs if epochs is not None else cfg.epochs
+    lr = lr if lr is not None else cfg.lr
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    n = len(ds.x_train)
+    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=cfg.warmup_fraction,
+        anneal_strategy="linear")
+    history = []
+    model.train()
+    bar = progress(total=epochs * steps_per_epoch, desc=desc, unit="step")
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(ds.x_train.device)
+        x_all = augment(ds.x_train[perm], cfg.crop_pad, cfg.flip, gen)
+        y_all = ds.y_train[perm]
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, cfg.batch_size):
+            x, y = to_float(x_all[i:i + cfg.batch_size]), y_all[i:i + cfg.batch_size]
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            bar.update(1)
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
+               "epoch_s": time.perf_counter() - t0}
+        history.append(rec)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, %.1f s", desc, epoch + 1, epochs,
+                 rec["train_loss"], rec["train_acc"], rec["epoch_s"])
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_acc']:.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    return history
+
+
+def baseline_key(cfg: DictConfig) -> str:
+    """SHA-256 (16 hex) of everything that determines the dense baseline's weights."""
+    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k != "checkpoint"}
+    blob = {"model": model_cfg, "data": data_mod.identity(cfg.data),
+            "train": OmegaConf.to_container(cfg.train, resolve=True), "seed": cfg.seed,
+            "recipe": RECIPE_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def new_model(cfg: DictConfig, ds: Dataset) -> Normalized:
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+              if k not in ("name", "checkpoint")}
+    c, h, _ = ds.shape
+    model = build_model(cfg.model.name, in_channels=c, num_classes=len(ds.classes), image_size=h,
+                        mean=ds.mean, std=ds.std, **kwargs)
+    # channels_last: ~1.5x faster convolutions on CPU (measured 685 vs 469 img/s training
+    # ResNet-20) and the fast path for cuDNN; inputs stay NCHW, the first conv converts them.
+    return model.to(memory_format=torch.channels_last)
+
+
+def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
+                 cache_dir: Path) -> tuple[Normalized, dict[str, Any]]:
+    """Return the dense model (user checkpoint, cached baseline, or freshly trained) and its info.
+
+    ``info["trained"]`` tells whether this call trained (False on a cache hit).
+    """
+    from robustsweep.config import resolve_path
+
+    torch.manual_seed(cfg.seed)  # weight initialisation
+    model = new_model(cfg, ds).to(device)
+    if cfg.model.get("checkpoint"):
+        path = resolve_path(cfg.model.checkpoint)
+        load_into(model, {k: v.to(device) for k, v in load_state(path).items()}, str(path))
+        model.eval()
+        info = {"source": "checkpoint", "path": str(path), "trained": False,
+                "test_acc": accuracy(model, ds.x_test, ds.y_test)}
+        log.info("loaded user checkpoint %s (clean test acc %.4f)", path, info["test_acc"])
+        return model, info
+
+    key = baseline_key(cfg)
+    path = cache_dir / f"{cfg.model.name}-{key}.safetensors"
+    meta = read_meta(path)
+    if meta is not None and path.is_file():
+        try:
+            load_into(model, load_state(path, meta.get("sha256")), str(path))
+            model.eval()
+            log.info("reusing cached baseline %s (clean test acc %.4f)", path.name, meta["test_acc"])
+            return model, {**meta, "source": "cache", "path": str(path), "trained": False}
+        except CheckpointError as e:
+            log.warning("cached baseline unusable, retraining: %s", e)
+
+    log.info("training baseline %s (%d parameters) for %d epochs on %s -> %s",
+             cfg.model.name, count_parameters(model), cfg.train.epochs, device, path.name)
+    t0 = time.perf_counter()
+    history = train_model(model, ds, cfg.train, seed=cfg.seed, desc=f"baseline {cfg.model.name}")
+    train_s = time.perf_counter() - t0
+    test_acc = accuracy(model, ds.x_test, ds.y_test)
+    log.info("baseline trained in %.1f s: clean test acc %.4f", train_s, test_acc)
+    meta = {"key": key, "model": cfg.model.name, "test_acc": test_acc, "train_s": train_s,
+            "n_params": count_parameters(model), "history": history,
+            "config": {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                       "train": OmegaConf.to_container(cfg.train, resolve=True),
+                       "data": data_mod.identity(cfg.data), "seed": cfg.seed}}
+    meta["sha256"] = save_checkpoint(model, path, meta)
+    return model, {**meta, "source": "trained", "path": str(path), "trained": True}

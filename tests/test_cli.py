@@ -1,0 +1,90 @@
+"""The real command line, in a subprocess: a 2-job multirun, bad input, --help/--cfg."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import FAST
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "robustsweep", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
+    p = cli(tmp_path, "-m", "sparsity=0,0.5", "epsilon=8/255", *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    store = tmp_path / "outputs" / "mlflow.db"  # default store, relative to the launch dir
+    assert store.exists()
+    client = MlflowClient(f"sqlite:///{store}")
+    exp = client.get_experiment_by_name("robustsweep")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.tags["hydra.job.num"] for r in runs) == ["0", "1"]
+    assert all(r.data.tags["hydra.sweep.dir"] for r in runs)
+    for r in runs:
+        assert {"clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsity_measured",
+                "ig_delta"} <= set(r.data.metrics)
+        paths = {a.path for a in client.list_artifacts(r.info.run_id, "ig")}
+        assert {"ig/ig_maps.png", "ig/attributions.npz"} <= paths
+    # one baseline trained, then reused
+    assert len(list((tmp_path / "outputs" / "cache" / "baselines").glob("*.safetensors"))) == 1
+    assert (p.stdout + p.stderr).count("training baseline") == 1
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["sparsity=1.5"], "sparsity=1.5"),
+    (["epsilon=-1"], "epsilon=-1"),
+    (["epsilon=8/0"], "epsilon='8/0'"),
+    (["attack=cw"], "Could not find 'attack/cw'"),
+    (["model.checkpoint=missing.safetensors"], "model.checkpoint='missing.safetensors'"),
+    (["-m", "sparsity=0,1.5"], "sparsity=1.5"),
+])
+def test_bad_input_fails_before_anything_starts(tmp_path, args, fragment):
+    p = cli(tmp_path, *args)
+    assert p.returncode != 0
+    assert fragment in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    assert not (tmp_path / "outputs" / "cache").exists()
+
+
+def test_imagefolder_without_test_dir_fails_clearly(tmp_path):
+    (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    p = cli(tmp_path, "data=imagefolder", "data.root=tree")
+    assert p.returncode != 0
+    assert "data.root='tree'" in p.stderr and "test/" in p.stderr
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["--info"]])
+def test_help_cfg_info_start_nothing(tmp_path, args):
+    p = cli(tmp_path, *args)
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / "outputs").exists()
+    if args == ["--cfg", "job"]:
+        assert "sparsity:" in p.stdout and "attack:" in p.stdout
+
+
+def test_wheel_ships_configs_and_sweeper_plugin(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path), "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (wheel,) = tmp_path.glob("robustsweep-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "robustsweep/conf/config.yaml" in names
+    assert "robustsweep/conf/experiment/seed.yaml" in names
+    assert "hydra_plugins/robustsweep_sweeper/validating_sweeper.py" in names
+    assert not any(n.startswith("hydra_plugins/__init__") for n in names)

@@ -1,0 +1,83 @@
+"""Data: decoded once to uint8, fixed eval subset, ImageFolder trees, clear offline errors."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robustsweep.config import ConfigError, compose, validate
+from robustsweep.data import load_dataset
+from robustsweep.train import augment
+
+
+def _tree(root, split_counts, size=10, classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    for split, n in split_counts.items():
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+
+
+def test_digits_are_uint8_in_range_with_fixed_eval_subset():
+    cfg = compose(["data.n_eval=50"]).data
+    a, b = load_dataset(cfg), load_dataset(cfg)
+    assert a.x_test.dtype == torch.uint8 and a.x_test.shape[1:] == (1, 8, 8)
+    assert int(a.x_test.max()) == 255
+    assert torch.equal(a.eval_idx, b.eval_idx) and len(a.eval_idx) == 50
+    other = load_dataset(compose(["data.n_eval=50", "data.subset_seed=1"]).data)
+    assert not torch.equal(a.eval_idx, other.eval_idx)
+
+
+def test_eval_subset_does_not_depend_on_run_seed():
+    a = load_dataset(compose(["data.n_eval=30", "seed=1"]).data)
+    b = load_dataset(compose(["data.n_eval=30", "seed=2"]).data)
+    assert torch.equal(a.eval_idx, b.eval_idx)
+
+
+def test_n_eval_larger_than_test_split_is_an_error():
+    with pytest.raises(ConfigError, match=r"data\.n_eval=100000"):
+        load_dataset(compose(["data.n_eval=100000"]).data)
+
+
+def test_imagefolder_tree_is_decoded_resized_and_labelled(tmp_path):
+    _tree(tmp_path, {"train": 3, "test": 2}, size=10)
+    cfg = validate(compose(["data=imagefolder", f"data.root={tmp_path}", "data.size=6",
+                            "data.n_eval=null"]))
+    ds = load_dataset(cfg.data)
+    assert ds.classes == ["cat", "dog"]
+    assert ds.x_train.shape == (6, 3, 6, 6) and ds.x_test.shape == (4, 3, 6, 6)
+    assert ds.y_test.tolist() == [0, 0, 1, 1]
+    assert len(ds.mean) == 3 and all(s > 0 for s in ds.std)
+
+
+def test_cifar10_offline_error_names_root_and_alternatives(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    cfg = compose(["data=cifar10", f"data.root={tmp_path}/cifar"]).data
+    with pytest.raises(ConfigError) as e:
+        load_dataset(cfg)
+    msg = str(e.value)
+    assert "data.root=" in msg and str(tmp_path) in msg
+    assert "data=imagefolder" in msg and "data=digits" in msg
+
+
+def test_augment_crops_and_flips_per_image():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    same = augment(x, pad=0, flip=False, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(same, x)
+    out = augment(x, pad=2, flip=True, gen=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # every output pixel is either padding (0) or a value of the same image
+    for i in range(2):
+        assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0}

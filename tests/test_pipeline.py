@@ -1,0 +1,94 @@
+"""run(cfg) end to end in-process: metrics, one MLflow run with params/artifacts, baseline reuse."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustsweep.pipeline import METRIC_NAMES, run
+
+
+def _runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("robustsweep")
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_run_logs_one_mlflow_run_with_metrics_params_artifacts(make_cfg, tmp_path):
+    metrics = run(make_cfg("sparsity=0.25", "epsilon=8/255"))
+    assert set(METRIC_NAMES) <= set(metrics)
+    assert 0 <= metrics["asr"] <= 1 and metrics["robust_acc"] <= metrics["clean_acc"]
+    assert metrics["sparsity_measured"] == pytest.approx(0.25, abs=0.005)
+
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    for name in METRIC_NAMES:
+        assert r.data.metrics[name] == pytest.approx(metrics[name], nan_ok=True)
+    assert r.data.params["epsilon"] == str(8 / 255)  # stored as the parsed float
+    assert r.data.params["prune.method"] == "l1_unstructured"
+    assert r.data.params["attack.name"] == "fgsm"
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    ig = {a.path for a in client.list_artifacts(r.info.run_id, "ig")}
+    assert "config.yaml" in top and {"ig/ig_maps.png", "ig/attributions.npz"} <= ig
+    # artifacts live under outputs/mlartifacts, not in the launch directory
+    assert str(tmp_path / "outputs" / "mlartifacts") in r.info.artifact_uri
+
+
+def test_baseline_is_cached_and_reused(make_cfg, caplog, monkeypatch):
+    import robustsweep.train as train_mod
+
+    caplog.set_level(logging.INFO)
+    run(make_cfg("sparsity=0", "attribution.n_images=0"))
+    assert "training baseline" in caplog.text
+
+    def must_not_train(*a, **k):
+        raise AssertionError("the cached baseline should have been reused")
+
+    monkeypatch.setattr(train_mod, "train_model", must_not_train)
+    caplog.clear()
+    m = run(make_cfg("sparsity=0.5", "attribution.n_images=0"))
+    assert "reusing cached baseline" in caplog.text
+    assert m["sparsity_measured"] == pytest.approx(0.5, abs=0.005)
+
+
+def test_changed_training_config_trains_a_new_baseline(make_cfg, caplog):
+    from robustsweep.train import baseline_key
+
+    assert baseline_key(make_cfg()) != baseline_key(make_cfg("train.epochs=9"))
+    assert baseline_key(make_cfg()) == baseline_key(make_cfg("sparsity=0.9", "epsilon=0.3",
+                                                              "attack=pgd", "data.n_eval=10"))
+
+
+def test_epsilon_zero_gives_asr_zero_end_to_end(make_cfg):
+    m = run(make_cfg("epsilon=0", "attack=pgd", "attribution.n_images=0"))
+    assert m["asr"] == 0.0 and m["robust_acc"] == m["clean_acc"]
+
+
+def test_same_seed_same_metrics(make_cfg):
+    a = run(make_cfg("attack=pgd", "attack.steps=3"))
+    b = run(make_cfg("attack=pgd", "attack.steps=3"))
+    for k in METRIC_NAMES:
+        assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k]))
+
+
+def test_environment_tracking_uri_wins(make_cfg, tmp_path, monkeypatch):
+    other = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    run(make_cfg("attribution.n_images=0"))
+    assert other.exists()
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    mlflow.set_tracking_uri(None)
+
+
+def test_bad_value_starts_no_mlflow_run(make_cfg, tmp_path):
+    from robustsweep.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        run(make_cfg("sparsity=1.5"))
+    assert not (tmp_path / "outputs").exists()
