@@ -21,10 +21,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import torch
 
 CONF_DIR = (
     Path(__file__).parent / "conf"  # installed wheel: configs ship as robustsweep/conf
@@ -133,6 +136,23 @@ def launch_dir() -> Path:
     return Path.cwd()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present, else CPU. Asking for a device that is absent is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but no CUDA GPU is available here; allowed: auto, cpu")
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but MPS is not available here; allowed: auto, cpu")
+    return torch.device(name)
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check every value that the type system cannot; return a copy with ``epsilon`` as float.
 
@@ -151,6 +171,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     with _unlocked(cfg):
         cfg.epsilon = parse_epsilon(cfg.epsilon)
     _check(bool(DEVICE_RE.match(str(cfg.device))), "device", cfg.device, "auto, cpu, cuda, cuda:N, mps")
+    resolve_device(cfg.device)
 
     for group in ("data", "model", "train", "prune", "attack", "attribution", "tracking"):
         _check(isinstance(cfg.get(group), DictConfig), group, cfg.get(group),
@@ -183,9 +204,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         _positive_int(cfg, "attack.steps")
         step = cfg.attack.step_size
         if step is not None:
-            step = parse_epsilon(step) if not isinstance(step, float) else step
-            _check(0 < step <= 1, "attack.step_size", cfg.attack.step_size,
-                   "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1]")
+            allowed = "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1], e.g. 2/255"
+            try:
+                value = parse_epsilon(step)
+            except ConfigError:
+                value = -1.0
+            _check(0 < value <= 1, "attack.step_size", step, allowed)
 
     n_img = cfg.attribution.n_images
     _check(isinstance(n_img, int) and n_img >= 0, "attribution.n_images", n_img, "an integer >= 0")

@@ -6,18 +6,20 @@ returns the metrics dict, so any Hydra sweeper can optimise any metric.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep import tracking
-from robustsweep.attacks import build_attack, evaluate
+from robustsweep.attacks import build_attack, check_adversarial, evaluate, frozen
 from robustsweep.attribution import integrated_gradients, plot_attributions
-from robustsweep.config import ConfigError, resolve_path, validate
+from robustsweep.config import ConfigError, resolve_device, resolve_path, validate
 from robustsweep.data import load_dataset, to_float
 from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
 from robustsweep.train import get_baseline, train_model
@@ -28,27 +30,16 @@ METRIC_NAMES = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsi
                 "ig_delta")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when present, else CPU. Asking for a device that is absent is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but no CUDA GPU is available here; allowed: auto, cpu")
-        idx = int(name.split(":")[1]) if ":" in name else 0
-        if idx >= torch.cuda.device_count():
-            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' but MPS is not available here; allowed: auto, cpu")
-    return torch.device(name)
-
-
-def _job_dir() -> Path:
+@contextlib.contextmanager
+def _artifact_dir() -> Iterator[Path]:
+    """Where a job writes files before logging them: the Hydra job dir, else a temp dir."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(tempfile.mkdtemp(prefix="robustsweep-"))
+        yield Path(HydraConfig.get().runtime.output_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="robustsweep-") as d:
+            yield Path(d)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -85,8 +76,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # ---- MLflow run: everything from here on is recorded (a failure marks it FAILED)
     experiment_id = tracking.setup(cfg)
     tags = {"robustsweep.baseline": base["source"], **tracking.hydra_tags()}
-    job_dir = _job_dir()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags):
+    with (_artifact_dir() as job_dir,
+          mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)):
         mlflow.log_params(tracking.params_of(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
@@ -110,7 +101,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             idx = ds.eval_idx[:k]
             x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
             torch.manual_seed(cfg.seed)
-            x_adv = attack(x, y).detach()
+            with frozen(model):
+                x_adv = attack(x, y).detach()
+            check_adversarial(x, x_adv, eps)
             attr = integrated_gradients(model, x, x_adv, y, idx, cfg.attribution.n_steps,
                                         cfg.attribution.baseline,
                                         cfg.attribution.internal_batch_size)

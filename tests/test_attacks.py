@@ -15,9 +15,8 @@ from robustsweep.attacks import (
     evaluate,
     frozen,
 )
-from robustsweep.config import ConfigError
+from robustsweep.config import ConfigError, resolve_device
 from robustsweep.data import to_float
-from robustsweep.pipeline import resolve_device
 
 FGSM = OmegaConf.create({"name": "fgsm", "batch_size": 128})
 PGD = OmegaConf.create({"name": "pgd", "steps": 10, "step_size": None, "random_start": True,
