@@ -28,20 +28,14 @@ from torch import nn
 
 from robustsweep.data import to_float
 from robustsweep.progress import progress
+from robustsweep.registry import Registry
 
 log = logging.getLogger(__name__)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ATTACKS: dict[str, Callable[..., AttackFn]] = {}
+ATTACKS: Registry[Callable[..., AttackFn]] = Registry()
+register_attack = ATTACKS.register
 EPS_TOL = 1e-6
-
-
-def register_attack(name: str) -> Callable[[Callable[..., AttackFn]], Callable[..., AttackFn]]:
-    def deco(fn: Callable[..., AttackFn]) -> Callable[..., AttackFn]:
-        ATTACKS[name] = fn
-        return fn
-
-    return deco
 
 
 @register_attack("none")

@@ -23,20 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustsweep.config import ConfigError, resolve_path
 from robustsweep.progress import progress
+from robustsweep.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
-DATASETS: dict[str, Callable[[DictConfig], Arrays]] = {}
+DATASETS: Registry[Callable[[DictConfig], Arrays]] = Registry()
+register_dataset = DATASETS.register
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-def register_dataset(name: str) -> Callable[[Callable[[DictConfig], Arrays]], Callable[[DictConfig], Arrays]]:
-    def deco(fn: Callable[[DictConfig], Arrays]) -> Callable[[DictConfig], Arrays]:
-        DATASETS[name] = fn
-        return fn
-
-    return deco
 
 
 @dataclass

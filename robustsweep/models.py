@@ -14,15 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from robustsweep.registry import Registry
 
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = fn
-        return fn
-
-    return deco
+MODELS: Registry[Callable[..., nn.Module]] = Registry()
+register_model = MODELS.register
 
 
 class Normalized(nn.Module):

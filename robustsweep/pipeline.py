@@ -93,7 +93,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
             "sparsity_measured": sparsity, "baseline_test_acc": float(base["test_acc"]),
             "attack_s": attack_s,
+            # A collapsed model predicts one class: its ASR says nothing about robustness.
+            "n_pred_classes": int(res.clean_pred.unique().numel()),
         }
+        if res.clean_acc <= 1.5 / len(ds.classes):
+            log.warning("clean_acc %.3f is near chance (1/%d classes, %d distinct predictions): "
+                        "asr/robust_acc of this cell describe a broken model",
+                        res.clean_acc, len(ds.classes), metrics["n_pred_classes"])
 
         k = min(cfg.attribution.n_images, res.n_eval)
         if k > 0:

@@ -27,23 +27,19 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from robustsweep.registry import Registry
+
 log = logging.getLogger(__name__)
 
 Targets = list[tuple[str, nn.Module]]
-PRUNE_METHODS: dict[str, Callable[[Targets, float], None]] = {}
+PRUNE_METHODS: Registry[Callable[[Targets, float], None]] = Registry()
+register_prune = PRUNE_METHODS.register
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
     "linear": (nn.Linear,),
 }
 
-
-def register_prune(name: str) -> Callable[[Callable[[Targets, float], None]], Callable[[Targets, float], None]]:
-    def deco(fn: Callable[[Targets, float], None]) -> Callable[[Targets, float], None]:
-        PRUNE_METHODS[name] = fn
-        return fn
-
-    return deco
 
 
 @register_prune("none")

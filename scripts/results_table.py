@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no runs with hydra.sweep.dir=%s", sweep)
         return 2
 
-    def key(r):  # noqa: ANN001, ANN202
+    def key(r):
         p = r.data.params
         return (p["attack.name"], float(p["epsilon"]), float(p["sparsity"]))
 
