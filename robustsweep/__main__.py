@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from robustsweep.config import CONF_DIR, ConfigError, register_configs
@@ -19,7 +22,11 @@ def _task(cfg: DictConfig) -> dict[str, float]:
     try:
         return run(cfg)
     except ConfigError as e:
-        log.error("configuration error: %s", e)
+        # A single run stops with the message alone (exit 2), not a traceback. In a multirun the
+        # error propagates, so Hydra records this job as failed and the sweep goes on.
+        if HydraConfig.get().mode == RunMode.RUN:
+            log.error("configuration error: %s", e)
+            sys.exit(2)
         raise
 
 

@@ -1,7 +1,7 @@
 """Integrated Gradients (Sundararajan et al. 2017, arXiv:1703.01365) via captum.
 
-For K fixed images (the first K of the evaluation subset: the same indices in every job of a
-sweep), attribute the true-label logit for the clean and the adversarial input. The completeness
+For K fixed images (one per class from the evaluation subset: the same indices in every job of
+a sweep), attribute the true-label logit for the clean and the adversarial input. The completeness
 axiom says the attributions sum to F(x) - F(baseline); captum's convergence delta is the gap, and
 ``ig_delta`` = mean |delta| over all 2K attributions.
 

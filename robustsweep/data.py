@@ -53,6 +53,17 @@ class Dataset:
     def y_eval(self) -> torch.Tensor:
         return self.y_test[self.eval_idx]
 
+    def showcase_idx(self, k: int) -> torch.Tensor:
+        """k test indices from the eval subset, one per class in label order, then the rest.
+
+        Fixed for a given eval subset, so every job of a sweep attributes the same images, and
+        varied across classes (the subset is sorted, and image trees are sorted by class).
+        """
+        y = self.y_test[self.eval_idx]
+        first = [self.eval_idx[y == c][0] for c in range(len(self.classes)) if (y == c).any()]
+        rest = [i for i in self.eval_idx if not any(i == f for f in first)]
+        return torch.stack((first + rest)[:k]) if k > 0 else self.eval_idx[:0]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.x_test.shape[1:])  # type: ignore[return-value]

@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         k = min(cfg.attribution.n_images, res.n_eval)
         if k > 0:
             t0 = time.perf_counter()
-            idx = ds.eval_idx[:k]
+            idx = ds.showcase_idx(k)
             x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
             torch.manual_seed(cfg.seed)
             with frozen(model):

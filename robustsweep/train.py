@@ -139,13 +139,18 @@ def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
 
     ``info["trained"]`` tells whether this call trained (False on a cache hit).
     """
-    from robustsweep.config import resolve_path
+    from robustsweep.config import ConfigError, resolve_path
 
     torch.manual_seed(cfg.seed)  # weight initialisation
     model = new_model(cfg, ds).to(device)
     if cfg.model.get("checkpoint"):
         path = resolve_path(cfg.model.checkpoint)
-        load_into(model, {k: v.to(device) for k, v in load_state(path).items()}, str(path))
+        try:
+            load_into(model, {k: v.to(device) for k, v in load_state(path).items()}, str(path))
+        except CheckpointError as e:
+            raise ConfigError(f"model.checkpoint={str(cfg.model.checkpoint)!r}: {e}; allowed: a "
+                              f"safetensors or weights-only .pt state dict for model.name="
+                              f"{cfg.model.name}") from e
         model.eval()
         info = {"source": "checkpoint", "path": str(path), "trained": False,
                 "test_acc": accuracy(model, ds.x_test, ds.y_test)}

@@ -63,8 +63,9 @@ def test_bad_input_fails_before_anything_starts(tmp_path, args, fragment):
 def test_imagefolder_without_test_dir_fails_clearly(tmp_path):
     (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
     p = cli(tmp_path, "data=imagefolder", "data.root=tree")
-    assert p.returncode != 0
-    assert "data.root='tree'" in p.stderr and "test/" in p.stderr
+    out = p.stdout + p.stderr
+    assert p.returncode == 2
+    assert "data.root='tree'" in out and "test/" in out and "Traceback" not in out
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
@@ -88,3 +89,30 @@ def test_wheel_ships_configs_and_sweeper_plugin(tmp_path):
     assert "robustsweep/conf/experiment/seed.yaml" in names
     assert "hydra_plugins/robustsweep_sweeper/validating_sweeper.py" in names
     assert not any(n.startswith("hydra_plugins/__init__") for n in names)
+
+
+def test_checkpoint_for_another_model_is_a_clear_error(tmp_path):
+    import torch
+
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    p = cli(tmp_path, "model.checkpoint=other.pt")
+    assert p.returncode == 2
+    assert "model.checkpoint='other.pt'" in p.stdout + p.stderr and "does not fit" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_user_checkpoint_is_used_instead_of_training(tmp_path):
+    from robustsweep.checkpoint import save_checkpoint
+    from robustsweep.config import compose
+    from robustsweep.data import load_dataset
+    from robustsweep.train import new_model
+
+    cfg = compose()
+    model = new_model(cfg, load_dataset(cfg.data))
+    save_checkpoint(model, tmp_path / "mine.safetensors")
+    p = cli(tmp_path, "model.checkpoint=mine.safetensors", "attribution=none", "epsilon=0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loaded user checkpoint" in p.stdout + p.stderr
+    assert "training baseline" not in p.stdout + p.stderr
+    assert not (tmp_path / "outputs" / "cache").exists()

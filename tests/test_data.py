@@ -81,3 +81,12 @@ def test_augment_crops_and_flips_per_image():
     # every output pixel is either padding (0) or a value of the same image
     for i in range(2):
         assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0}
+
+
+def test_showcase_images_are_fixed_and_span_classes():
+    ds = load_dataset(compose(["data.n_eval=100"]).data)
+    idx = ds.showcase_idx(6)
+    assert torch.equal(idx, ds.showcase_idx(6))
+    assert set(idx.tolist()) <= set(ds.eval_idx.tolist())
+    assert len(set(ds.y_test[idx].tolist())) == 6  # six different classes
+    assert len(ds.showcase_idx(12).unique()) == 12  # beyond one per class: no repeats

@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.errors import HydraException
+from hydra.errors import CompactHydraException
+
+
+class InvalidSweepError(CompactHydraException):
+    """Printed by Hydra as its message alone, without a traceback."""
 
 
 class ValidatingSweeper(BasicSweeper):
@@ -29,6 +33,6 @@ class ValidatingSweeper(BasicSweeper):
             except ConfigError as e:
                 errors.append(f"  job [{' '.join(overrides)}]: {e}")
         if errors:
-            raise HydraException(
+            raise InvalidSweepError(
                 f"{len(errors)} of {len(batch)} sweep jobs have invalid values; nothing was run:\n"
                 + "\n".join(errors))
