@@ -60,9 +60,11 @@ class Dataset:
         varied across classes (the subset is sorted, and image trees are sorted by class).
         """
         y = self.y_test[self.eval_idx]
-        first = [self.eval_idx[y == c][0] for c in range(len(self.classes)) if (y == c).any()]
-        rest = [i for i in self.eval_idx if not any(i == f for f in first)]
-        return torch.stack((first + rest)[:k]) if k > 0 else self.eval_idx[:0]
+        pos = [int((y == c).nonzero()[0]) for c in range(len(self.classes)) if (y == c).any()]
+        rest = torch.ones(len(y), dtype=torch.bool)
+        rest[pos] = False
+        order = torch.cat([torch.tensor(pos, dtype=torch.long), rest.nonzero().flatten()])
+        return self.eval_idx[order[:k].to(self.eval_idx.device)]
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -17,10 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep import tracking
-from robustsweep.attacks import build_attack, check_adversarial, evaluate, frozen
+from robustsweep.attacks import AttackFn, build_attack, check_adversarial, evaluate, frozen
 from robustsweep.attribution import integrated_gradients, plot_attributions
 from robustsweep.config import ConfigError, resolve_device, resolve_path, validate
-from robustsweep.data import load_dataset, to_float
+from robustsweep.data import Dataset, load_dataset, to_float
 from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
 from robustsweep.train import get_baseline, train_model
 
@@ -104,30 +104,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         k = min(cfg.attribution.n_images, res.n_eval)
         if k > 0:
             t0 = time.perf_counter()
-            idx = ds.showcase_idx(k)
-            x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
-            torch.manual_seed(cfg.seed)
-            with frozen(model):
-                x_adv = attack(x, y).detach()
-            check_adversarial(x, x_adv, eps)
-            attr = integrated_gradients(model, x, x_adv, y, idx, cfg.attribution.n_steps,
-                                        cfg.attribution.baseline,
-                                        cfg.attribution.internal_batch_size)
-            metrics["ig_delta"] = attr.mean_abs_delta
-            npz = job_dir / "attributions.npz"
-            attr.save_npz(str(npz))
-            fig = plot_attributions(
-                attr, ds.classes,
-                f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | "
-                f"{cfg.attack.name} eps {eps * 255:.3g}/255 | IG {cfg.attribution.n_steps} steps, "
-                f"{cfg.attribution.baseline} baseline")
-            png = job_dir / "ig_maps.png"
-            fig.savefig(png, dpi=110)
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-            mlflow.log_artifact(str(png), "ig")
-            mlflow.log_artifact(str(npz), "ig")
+            metrics["ig_delta"] = _attribute(model, attack, ds, k, cfg, eps, sparsity, job_dir)
             metrics["ig_s"] = time.perf_counter() - t0
 
         metrics["job_s"] = time.perf_counter() - t_start
@@ -136,3 +113,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
              res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
     return metrics
+
+
+def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cfg: DictConfig,
+               eps: float, sparsity: float, job_dir: Path) -> float:
+    """IG on k fixed images, clean and attacked; log figure + raw arrays; return mean |delta|."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    idx = ds.showcase_idx(k)
+    x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
+    torch.manual_seed(cfg.seed)
+    with frozen(model):
+        x_adv = attack(x, y).detach()
+    check_adversarial(x, x_adv, eps)
+    a = cfg.attribution
+    attr = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline, a.internal_batch_size)
+    fig = plot_attributions(
+        attr, ds.classes,
+        f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | {cfg.attack.name} "
+        f"eps {eps * 255:.3g}/255 | IG {a.n_steps} steps, {a.baseline} baseline")
+    png, npz = job_dir / "ig_maps.png", job_dir / "attributions.npz"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    attr.save_npz(str(npz))
+    mlflow.log_artifact(str(png), "ig")
+    mlflow.log_artifact(str(npz), "ig")
+    return attr.mean_abs_delta
