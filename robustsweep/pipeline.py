@@ -2,6 +2,11 @@
 
 ``run(cfg)`` is a plain function (no Hydra needed: tests call it with a composed config) and
 returns the metrics dict, so any Hydra sweeper can optimise any metric.
+
+The MLflow run opens right after validation, so anything that fails later (data, training,
+attack) leaves a FAILED run with the error as a tag. In a multirun the run is a child of the
+sweep's parent run. A cell whose FINISHED run is already in the store is not computed again
+(``tracking.resume=false`` forces it); its stored metrics are returned.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep import tracking
+from robustsweep import sweep, tracking
 from robustsweep.attacks import AttackFn, build_attack, check_adversarial, evaluate, frozen
 from robustsweep.attribution import integrated_gradients, plot_attributions
 from robustsweep.config import ConfigError, resolve_device, resolve_path, validate
@@ -45,16 +50,63 @@ def _artifact_dir() -> Iterator[Path]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one (model, prune, sparsity, attack, eps) cell and log it as one MLflow run."""
     import mlflow
+    from mlflow.entities import Metric, Param, RunTag
 
     t_start = time.perf_counter()
     cfg = validate(cfg)
-    device = resolve_device(cfg.device)
     out_dir = resolve_path(cfg.paths.output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"paths.output_dir={cfg.paths.output_dir!r} cannot be created: {e}") from e
+
+    experiment_id = tracking.setup(cfg)
+    client = mlflow.MlflowClient()
+    cid = sweep.cell_id(cfg)
+    if cfg.tracking.get("resume", True):
+        done = sweep.finished_cells(client, experiment_id, [cid])
+        if done:
+            log.info("cell %s already FINISHED in run %s: skipped (tracking.resume=false re-runs it)",
+                     cid, done[cid])
+            return dict(client.get_run(done[cid]).data.metrics)
+    sweep.fail_stale_runs(client, experiment_id, cid)
+
+    tags = {sweep.CELL_TAG: cid, sweep.ROLE_TAG: "cell", **tracking.hydra_tags()}
+    parent = sweep.parent_run_id()
+    if parent and "hydra.sweep.dir" in tags:  # a single run has no parent
+        tags["mlflow.parentRunId"] = parent
+    t_mlflow = time.perf_counter()
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)
+    mlflow_s = time.perf_counter() - t_mlflow
+    with _artifact_dir() as job_dir, active:
+        try:
+            metrics = _compute(cfg, job_dir / "mlflow")
+        except BaseException as e:
+            client.set_tag(active.info.run_id, sweep.ERROR_TAG, f"{type(e).__name__}: {e}"[:4000])
+            raise
+        # One batched call for params + metrics, one for the artifact folder.
+        t_mlflow = time.perf_counter()
+        metrics["job_s"] = time.perf_counter() - t_start
+        now = int(time.time() * 1000)
+        client.log_batch(
+            active.info.run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()])
+        mlflow.log_artifacts(str(job_dir / "mlflow"))
+        mlflow_s += time.perf_counter() - t_mlflow
+        client.log_batch(active.info.run_id, metrics=[Metric("mlflow_s", mlflow_s, now, 0)],
+                         tags=[RunTag("robustsweep.mlflow_s", f"{mlflow_s:.3f}")])
+    metrics["mlflow_s"] = mlflow_s
+    return metrics
+
+
+def _compute(cfg: DictConfig, stage: Path) -> dict[str, float]:
+    """The numbers and files of one cell; files are staged in ``stage`` for one upload."""
+    device = resolve_device(cfg.device)
+    out_dir = resolve_path(cfg.paths.output_dir)
     eps = float(cfg.epsilon)
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     ds = load_dataset(cfg.data, device)
     model, base = get_baseline(cfg, ds, device, out_dir / "cache" / "baselines")
@@ -73,42 +125,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("pruned %d tensors with %s to measured sparsity %.4f (asked %.4f)",
              len(targets), cfg.prune.method, sparsity, cfg.sparsity)
 
-    # ---- MLflow run: everything from here on is recorded (a failure marks it FAILED)
-    experiment_id = tracking.setup(cfg)
-    tags = {"robustsweep.baseline": base["source"], **tracking.hydra_tags()}
-    with (_artifact_dir() as job_dir,
-          mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)):
-        mlflow.log_params(tracking.params_of(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    # ---- attack
+    torch.manual_seed(cfg.seed)  # PGD's random start
+    t0 = time.perf_counter()
+    attack = build_attack(model, eps, cfg.attack)
+    res = evaluate(model, attack, ds.x_eval, ds.y_eval, eps, cfg.attack.batch_size,
+                   desc=f"{cfg.attack.name} eps={eps * 255:.3g}/255")
+    metrics: dict[str, float] = {
+        "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
+        "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
+        "sparsity_measured": sparsity, "baseline_test_acc": float(base["test_acc"]),
+        "attack_s": time.perf_counter() - t0,
+        # A collapsed model predicts one class: its ASR says nothing about robustness.
+        "n_pred_classes": int(res.clean_pred.unique().numel()),
+    }
+    if res.clean_acc <= 1.5 / len(ds.classes):
+        log.warning("clean_acc %.3f is near chance (1/%d classes, %d distinct predictions): "
+                    "asr/robust_acc of this cell describe a broken model",
+                    res.clean_acc, len(ds.classes), metrics["n_pred_classes"])
 
-        torch.manual_seed(cfg.seed)  # PGD's random start
+    # ---- attribute
+    k = min(cfg.attribution.n_images, res.n_eval)
+    if k > 0:
         t0 = time.perf_counter()
-        attack = build_attack(model, eps, cfg.attack)
-        res = evaluate(model, attack, ds.x_eval, ds.y_eval, eps, cfg.attack.batch_size,
-                       desc=f"{cfg.attack.name} eps={eps * 255:.3g}/255")
-        attack_s = time.perf_counter() - t0
-
-        metrics: dict[str, float] = {
-            "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
-            "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
-            "sparsity_measured": sparsity, "baseline_test_acc": float(base["test_acc"]),
-            "attack_s": attack_s,
-            # A collapsed model predicts one class: its ASR says nothing about robustness.
-            "n_pred_classes": int(res.clean_pred.unique().numel()),
-        }
-        if res.clean_acc <= 1.5 / len(ds.classes):
-            log.warning("clean_acc %.3f is near chance (1/%d classes, %d distinct predictions): "
-                        "asr/robust_acc of this cell describe a broken model",
-                        res.clean_acc, len(ds.classes), metrics["n_pred_classes"])
-
-        k = min(cfg.attribution.n_images, res.n_eval)
-        if k > 0:
-            t0 = time.perf_counter()
-            metrics["ig_delta"] = _attribute(model, attack, ds, k, cfg, eps, sparsity, job_dir)
-            metrics["ig_s"] = time.perf_counter() - t0
-
-        metrics["job_s"] = time.perf_counter() - t_start
-        mlflow.log_metrics(metrics)
+        metrics["ig_delta"] = _attribute(model, attack, ds, k, cfg, eps, sparsity, stage / "ig")
+        metrics["ig_s"] = time.perf_counter() - t0
 
     log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
              res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
@@ -116,10 +157,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cfg: DictConfig,
-               eps: float, sparsity: float, job_dir: Path) -> float:
-    """IG on k fixed images, clean and attacked; log figure + raw arrays; return mean |delta|."""
+               eps: float, sparsity: float, out: Path) -> float:
+    """IG on k fixed images, clean and attacked; write figure + raw arrays; return mean |delta|."""
     import matplotlib.pyplot as plt
-    import mlflow
 
     idx = ds.showcase_idx(k)
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
@@ -133,10 +173,8 @@ def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cf
         attr, ds.classes,
         f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | {cfg.attack.name} "
         f"eps {eps * 255:.3g}/255 | IG {a.n_steps} steps, {a.baseline} baseline")
-    png, npz = job_dir / "ig_maps.png", job_dir / "attributions.npz"
-    fig.savefig(png, dpi=110)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "ig_maps.png", dpi=110)
     plt.close(fig)
-    attr.save_npz(str(npz))
-    mlflow.log_artifact(str(png), "ig")
-    mlflow.log_artifact(str(npz), "ig")
+    attr.save_npz(str(out / "attributions.npz"))
     return attr.mean_abs_delta

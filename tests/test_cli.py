@@ -30,7 +30,7 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     assert store.exists()
     client = MlflowClient(f"sqlite:///{store}")
     exp = client.get_experiment_by_name("robustsweep")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], "tags.`robustsweep.role` = 'cell'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.data.tags["hydra.job.num"] for r in runs) == ["0", "1"]
     assert all(r.data.tags["hydra.sweep.dir"] for r in runs)
@@ -99,7 +99,10 @@ def test_checkpoint_for_another_model_is_a_clear_error(tmp_path):
     assert p.returncode == 2
     assert "model.checkpoint='other.pt'" in p.stdout + p.stderr and "does not fit" in p.stdout + p.stderr
     assert "Traceback" not in p.stderr
-    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    # the job got as far as its MLflow run: the failure is recorded there, not lost
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("robustsweep").experiment_id])
+    assert run.info.status == "FAILED" and "does not fit" in run.data.tags["robustsweep.error"]
 
 
 def test_user_checkpoint_is_used_instead_of_training(tmp_path):

@@ -1,18 +1,35 @@
-"""Hydra's basic sweeper, plus robustsweep's value checks on *every* job before the first runs.
+"""Hydra's basic sweeper, plus what robustsweep needs around a grid of jobs.
 
-Hydra composes each job's config only when the job starts, so with the basic sweeper a typo in
-the fifth value of a sweep (``sparsity=0,0.5,1.5``) surfaces after four jobs have trained and
-logged. This sweeper composes all jobs up front (as the basic sweeper already does for type
-errors) and runs ``robustsweep.config.validate`` on each, so nothing starts unless all are valid.
-Heavy imports stay inside the method: Hydra imports every ``hydra_plugins`` module at start-up.
+1. *Validate everything first.* Hydra composes each job's config only when the job starts, so with
+   the basic sweeper a typo in the fifth value of a sweep (``sparsity=0,0.5,1.5``) surfaces after
+   four jobs have trained and logged. Here every job is composed and checked by
+   ``robustsweep.config.validate`` before the first one starts; nothing touches the store otherwise.
+2. *Resume.* Cells whose FINISHED run is already in the MLflow store are skipped (and counted).
+3. *One parent run per sweep*, created (or reopened, for a relaunch) after validation; its id
+   reaches the jobs through an environment variable.
+4. *Failures are recorded, not fatal.* A failing job does not stop the others; the failures are
+   written to ``<sweep dir>/sweep_status.json`` for the end-of-sweep callback, which reports them and
+   makes the command exit non-zero.
+
+Heavy imports stay inside the methods: Hydra imports every ``hydra_plugins`` module at start-up.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 class InvalidSweepError(CompactHydraException):
@@ -21,18 +38,73 @@ class InvalidSweepError(CompactHydraException):
 
 class ValidatingSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        self._compose_and_validate(batch)
+
+    def _compose_and_validate(self, batch: Sequence[Sequence[str]]) -> list[DictConfig]:
         from robustsweep.config import ConfigError, validate
 
         assert self.hydra_context is not None and self.config is not None
-        errors = []
+        errors, cfgs = [], []
         for overrides in batch:
             cfg = self.hydra_context.config_loader.load_sweep_config(
                 master_config=self.config, sweep_overrides=list(overrides))
             try:
-                validate(cfg)
+                cfgs.append(validate(cfg))
             except ConfigError as e:
                 errors.append(f"  job [{' '.join(overrides)}]: {e}")
         if errors:
             raise InvalidSweepError(
                 f"{len(errors)} of {len(batch)} sweep jobs have invalid values; nothing was run:\n"
                 + "\n".join(errors))
+        return cfgs
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import mlflow
+
+        from robustsweep import sweep as sw
+        from robustsweep import tracking
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        if not jobs:
+            raise InvalidSweepError("the sweep has no jobs")
+        cfgs = self._compose_and_validate(jobs)
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        experiment_id = tracking.setup(cfgs[0])
+        client = mlflow.MlflowClient()
+        ids = [sw.cell_id(c) for c in cfgs]
+        resume = bool(cfgs[0].tracking.get("resume", True))
+        done = sw.finished_cells(client, experiment_id, ids) if resume else {}
+        todo = [job for job, cid in zip(jobs, ids, strict=True) if cid not in done]
+        skipped = len(jobs) - len(todo)
+        log.info("sweep of %d cells: %d already FINISHED in the store (skipped), %d to run",
+                 len(jobs), skipped, len(todo))
+
+        task = list(self.config.hydra.overrides.task)
+        sid = sw.sweep_id(task, cfgs[0].tracking.experiment)
+        parent = sw.get_or_create_parent(
+            client, experiment_id, sid, name=f"sweep {' '.join(task)}"[:250],
+            tags={"hydra.sweep.dir": str(sweep_dir), "hydra.overrides": " ".join(task),
+                  "robustsweep.n_cells": str(len(jobs)), "robustsweep.skipped": str(skipped)})
+        os.environ[sw.PARENT_ENV] = parent
+
+        returns, failures = [], []
+        step = self.max_batch_size or len(todo) or 1
+        for start in range(0, len(todo), step):
+            batch = todo[start:start + step]
+            results = self.launcher.launch(batch, initial_job_idx=start)
+            for job, r in zip(batch, results, strict=True):
+                if r.status == JobStatus.FAILED:
+                    err = r._return_value  # the exception; .return_value would re-raise it
+                    failures.append({"overrides": list(job), "error": f"{type(err).__name__}: {err}"})
+            returns.append(results)
+        (sweep_dir / "sweep_status.json").write_text(json.dumps(
+            {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
+             "failures": failures}, indent=2))
+        return returns

@@ -1,0 +1,56 @@
+"""Hydra callback: at the end of a multirun, summarise the sweep onto its MLflow parent run.
+
+The validating sweeper created the parent run and wrote ``<sweep dir>/sweep_status.json``. Here the
+summary figures and ``cells.csv`` (robustsweep.summary) are logged to the parent under
+``summary/``, the parent is closed (FAILED if any cell failed), and failed cells are listed; the
+command then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class SweepSummaryCallback(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        from robustsweep import sweep as sw
+        from robustsweep import tracking
+        from robustsweep.summary import SummaryError, write_summary
+
+        report = Path(config.hydra.sweep.dir) / "sweep_status.json"
+        parent = os.environ.get(sw.PARENT_ENV)
+        if not report.is_file() or not parent:
+            return  # not swept by the validating sweeper (e.g. another sweeper): nothing to do
+        info = json.loads(report.read_text())
+        tracking.setup(config)
+        client = mlflow.MlflowClient()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                cells = write_summary(client, parent, Path(tmp) / "summary")
+                client.log_artifacts(parent, str(Path(tmp) / "summary"), "summary")
+                log.info("sweep summary of %d cells logged to parent run %s", len(cells), parent)
+            except SummaryError as e:
+                log.warning("no summary: %s", e)
+        failures = info["failures"]
+        client.set_terminated(parent, "FAILED" if failures else "FINISHED")
+        os.environ.pop(sw.PARENT_ENV, None)
+        log.info("sweep done: %d cells, %d skipped (already FINISHED), %d ran, %d failed",
+                 info["n_cells"], info["skipped"], info["ran"], len(failures))
+        if failures:
+            lines = "\n".join(f"  [{' '.join(f['overrides'])}]: {f['error']}" for f in failures)
+            # Hydra turns exceptions from callbacks into warnings; SystemExit gets through, so
+            # the command exits 1 with this message on stderr.
+            raise SystemExit(f"{len(failures)} of {info['ran']} cells failed (recorded as FAILED "
+                             f"runs under parent {parent}):\n{lines}")

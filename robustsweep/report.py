@@ -1,0 +1,88 @@
+"""Rebuild a sweep's summary from the MLflow store alone: ``python -m robustsweep.report``.
+
+    python -m robustsweep.report                                  # newest sweep, default store
+    python -m robustsweep.report --parent-run-id 69de47...        # a given sweep
+    python -m robustsweep.report --experiment other --tracking-uri sqlite:///elsewhere.db
+    python -m robustsweep.report --log-to-parent                  # also attach it to the parent run
+
+Writes the same files the end-of-sweep callback logs (heatmaps, curves, attention drift,
+cells.csv) to ``--out`` (default ``outputs/reports/<parent run id>/``). Read-only on the store
+unless ``--log-to-parent`` is given. Exit status 2, with a message, for an unknown experiment or
+parent run, a sweep without finished cells, or a store that cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("robustsweep.report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustsweep.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
+                                                             "sqlite:///outputs/mlflow.db"))
+    ap.add_argument("--experiment", default="robustsweep")
+    ap.add_argument("--parent-run-id", default=None, help="default: the newest sweep's parent run")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--log-to-parent", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from robustsweep.summary import SummaryError, write_summary
+    from robustsweep.sweep import ROLE_TAG
+
+    uri = args.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        log.error("no MLflow store at %s (the file does not exist)", uri)  # never create one
+        return 2
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+            log.error("no experiment %r in %s; experiments there: %s", args.experiment, uri,
+                      ", ".join(names) or "none")
+            return 2
+        if args.parent_run_id:
+            try:
+                parent = client.get_run(args.parent_run_id)
+            except MlflowException:
+                log.error("no run %r in %s", args.parent_run_id, uri)
+                return 2
+            if parent.data.tags.get(ROLE_TAG) != "sweep":
+                log.error("run %s is not a sweep's parent run", args.parent_run_id)
+                return 2
+        else:
+            found = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'",
+                                       max_results=1, order_by=["attributes.start_time DESC"])
+            if not found:
+                log.error("experiment %r has no sweeps (run one with python -m robustsweep -m ...)",
+                          args.experiment)
+                return 2
+            parent = found[0]
+        pid = parent.info.run_id
+        out = args.out or Path("outputs") / "reports" / pid
+        cells = write_summary(client, pid, out)
+        if args.log_to_parent:
+            client.log_artifacts(pid, str(out), "summary")
+    except SummaryError as e:
+        log.error("%s", e)
+        return 2
+    except MlflowException as e:
+        log.error("cannot read the MLflow store %s: %s", uri, e)
+        return 2
+    log.info("sweep %s (%s): %d cells -> %s", parent.info.run_name, pid, len(cells), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

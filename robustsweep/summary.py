@@ -1,0 +1,217 @@
+"""A sweep at a glance: heatmaps, curves with 95 % Wilson intervals, attention drift, cells.csv.
+
+Everything here reads only what is stored in MLflow (the parent's FINISHED child runs and their
+``ig/attributions.npz``), so the same summary can be rebuilt later for any sweep
+(``python -m robustsweep.report``). Files written to ``out_dir``:
+
+  heatmap_asr.png, heatmap_robust_acc.png   sparsity x eps, one panel per (attack, prune method)
+  curves.png                                clean_acc and asr vs sparsity, 95 % Wilson intervals
+  attention_drift.png                       the same images' IG maps (clean input) per sparsity
+  cells.csv                                 every cell's params and metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import matplotlib.pyplot as plt
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KEY_PARAMS = ("model.name", "data.name", "prune.method", "attack.name", "sparsity", "epsilon", "seed")
+KEY_METRICS = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "n_fooled",
+               "sparsity_measured", "ig_delta", "n_pred_classes")
+
+
+class SummaryError(RuntimeError):
+    """Nothing to summarise (empty sweep, unknown parent)."""
+
+
+def wilson(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for k successes out of n (NaNs when n == 0)."""
+    if not n:
+        return (math.nan, math.nan)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
+    """One dict per FINISHED child run: key params (typed), metrics, run id."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                              f"AND attributes.status = 'FINISHED'", max_results=10000)
+    cells = []
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", "")}
+        for k in KEY_PARAMS:
+            v = p.get(k, "")
+            cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
+        cell.update({k: m.get(k, math.nan) for k in KEY_METRICS})
+        cell["params"] = p
+        cells.append(cell)
+    return sorted(cells, key=lambda c: (c["attack.name"], c["prune.method"], c["epsilon"], c["sparsity"]))
+
+
+def _groups(cells: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    g: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        g[(c["attack.name"], c["prune.method"])].append(c)
+    return dict(sorted(g.items()))
+
+
+def _eps_label(eps: float) -> str:
+    return f"{eps * 255:.3g}"
+
+
+def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
+    groups = _groups(cells)
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1, 3.8), squeeze=False, constrained_layout=True)
+    cmap = "magma_r" if metric == "asr" else "viridis"
+    for ax, ((attack, method), cs) in zip(axes[0], groups.items(), strict=True):
+        sps = sorted({c["sparsity"] for c in cs})
+        epss = sorted({c["epsilon"] for c in cs})
+        grid = np.full((len(sps), len(epss)), np.nan)
+        for c in cs:
+            grid[sps.index(c["sparsity"]), epss.index(c["epsilon"])] = c[metric]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto", origin="lower")
+        for i in range(len(sps)):
+            for j in range(len(epss)):
+                v = grid[i, j]
+                ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        color="white" if (v > 0.55) == (metric == "asr") else "black", fontsize=9)
+        ax.set_xticks(range(len(epss)), [_eps_label(e) for e in epss])
+        ax.set_yticks(range(len(sps)), [f"{s:.2f}" for s in sps])
+        ax.set_xlabel("eps (/255, L∞)")
+        ax.set_ylabel("sparsity (fraction of weights zeroed)")
+        ax.set_title(f"{metric}: {attack}, {method}", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), label=metric + (" (share of correct images flipped)"
+                                                           if metric == "asr" else " (share of all images)"))
+    return fig
+
+
+def curves(cells: list[dict[str, Any]]) -> plt.Figure:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    # clean accuracy depends only on (prune method, sparsity): one curve per method
+    by_method: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for c in cells:
+        by_method[c["prune.method"]].setdefault(c["sparsity"], c)
+    for method, d in sorted(by_method.items()):
+        xs = sorted(d)
+        ys = [d[x]["clean_acc"] for x in xs]
+        lo, hi = zip(*[wilson(d[x]["n_correct"], d[x]["n_eval"]) for x in xs], strict=True)
+        a1.plot(xs, ys, "o-", label=method)
+        a1.fill_between(xs, lo, hi, alpha=0.2)
+    a1.set_xlabel("sparsity (fraction of weights zeroed)")
+    a1.set_ylabel("clean accuracy")
+    a1.set_ylim(0, 1)
+    a1.set_title("clean accuracy (95 % Wilson interval)")
+    a1.legend(fontsize=8)
+    lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        lines[(c["attack.name"], c["prune.method"], c["epsilon"])].append(c)
+    for (attack, method, eps), cs in sorted(lines.items()):
+        cs = sorted(cs, key=lambda c: c["sparsity"])
+        xs = [c["sparsity"] for c in cs]
+        lo, hi = zip(*[wilson(c["n_fooled"], c["n_correct"]) for c in cs], strict=True)
+        a2.plot(xs, [c["asr"] for c in cs], "o-", label=f"{attack} {_eps_label(eps)}/255 ({method})")
+        a2.fill_between(xs, lo, hi, alpha=0.15)
+    a2.set_xlabel("sparsity (fraction of weights zeroed)")
+    a2.set_ylabel("attack success rate")
+    a2.set_ylim(0, 1)
+    a2.set_title("ASR over correctly classified images (95 % Wilson)")
+    a2.legend(fontsize=7)
+    return fig
+
+
+def attention_drift(client: Any, cells: list[dict[str, Any]], max_images: int = 4) -> plt.Figure | None:
+    """Rows: (group, image) at the group's largest eps; columns: sparsity. IG of the clean input."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for (attack, method), cs in _groups(cells).items():
+            eps = max(c["epsilon"] for c in cs)
+            col = sorted((c for c in cs if c["epsilon"] == eps), key=lambda c: c["sparsity"])
+            maps = []
+            for c in col:
+                try:
+                    p = client.download_artifacts(c["run_id"], "ig/attributions.npz", tmp)
+                except Exception:  # no attribution logged for this cell (attribution=none)
+                    maps = []
+                    break
+                z = np.load(p)
+                maps.append((c["sparsity"], z["ig_clean"].sum(1), z["images"], z["labels"]))
+            if maps:
+                rows.append((f"{attack}, {method}, eps {_eps_label(eps)}/255", maps))
+    if not rows:
+        return None
+    n_img = min(max_images, min(len(m[0][1]) for _, m in rows))
+    n_rows = len(rows) * n_img
+    n_cols = 1 + max(len(m) for _, m in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(max(1.9 * n_cols, 6.5), 1.9 * n_rows + 0.7),
+                             squeeze=False, constrained_layout=True)
+    for g, (title, maps) in enumerate(rows):
+        for i in range(n_img):
+            r = g * n_img + i
+            img = maps[0][2][i]
+            axes[r, 0].imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0),
+                              cmap="gray" if img.shape[0] == 1 else None, interpolation="nearest")
+            label = f"image {i} (label {int(maps[0][3][i])})"
+            axes[r, 0].set_ylabel(f"{title}\n{label}" if i == 0 else label, fontsize=7)
+            vmax = max(float(np.abs(m[1][i]).max()) for m in maps) or 1e-12
+            for j, (sp, ig, _, _) in enumerate(maps):
+                im = axes[r, j + 1].imshow(ig[i], cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                                           interpolation="nearest")
+                if r == 0 or i == 0:
+                    axes[r, j + 1].set_title(f"sparsity {sp:.2f}", fontsize=8)
+            fig.colorbar(im, ax=axes[r, 1:].tolist(), shrink=0.8, label="IG (logit units)")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Attention drift: IG of the same clean images as sparsity grows\n"
+                 "(true-label logit; symmetric colour scale shared along each row)", fontsize=9)
+    return fig
+
+
+def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Write the summary files for a sweep into ``out_dir``; return its cells."""
+    cells = collect_cells(client, parent_run_id)
+    if not cells:
+        raise SummaryError(f"sweep run {parent_run_id} has no FINISHED child runs to summarise")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for metric in ("asr", "robust_acc"):
+        fig = heatmap(cells, metric)
+        fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
+        plt.close(fig)
+    fig = curves(cells)
+    fig.savefig(out_dir / "curves.png", dpi=110)
+    plt.close(fig)
+    fig = attention_drift(client, cells)
+    if fig is not None:
+        fig.savefig(out_dir / "attention_drift.png", dpi=110)
+        plt.close(fig)
+    param_keys = sorted({k for c in cells for k in c["params"]})
+    with open(out_dir / "cells.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_id", "cell_id", *KEY_METRICS, *param_keys])
+        for c in cells:
+            w.writerow([c["run_id"], c["cell_id"], *[c[k] for k in KEY_METRICS],
+                        *[c["params"].get(k, "") for k in param_keys]])
+    log.info("summary of %d cells written to %s", len(cells), out_dir)
+    return cells

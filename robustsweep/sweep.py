@@ -1,0 +1,99 @@
+"""Sweeps in MLflow: one parent run per sweep, one child run per cell, resumable by cell identity.
+
+* ``cell_id`` = SHA-256 of the resolved config that determines a cell's results: everything except
+  output paths, tracking settings and Hydra's own node. Same cell, same id, in any sweep.
+* A sweep is identified by its override list (``sweep_id``); relaunching the same command reuses
+  the same parent run, so a resumed sweep still shows as one parent with all its children.
+* Resume: cells that already have a FINISHED run with their ``cell_id`` are skipped (the
+  validating sweeper drops them before launching); runs left RUNNING by a killed process are
+  marked FAILED before the cell runs again, so a cell never has two FINISHED runs from resuming.
+
+The parent run id reaches the jobs through ``ROBUSTSWEEP_PARENT_RUN_ID`` (set by the callback
+before any job starts, so launcher subprocesses inherit it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "ROBUSTSWEEP_PARENT_RUN_ID"
+CELL_TAG = "robustsweep.cell_id"
+SWEEP_TAG = "robustsweep.sweep_id"
+ROLE_TAG = "robustsweep.role"
+ERROR_TAG = "robustsweep.error"
+NOT_RESULTS = ("paths", "tracking", "hydra")  # config nodes that cannot change a cell's numbers
+
+
+def cell_id(cfg: DictConfig) -> str:
+    """16-hex SHA-256 of the resolved config minus paths, tracking and Hydra settings."""
+    from robustsweep.config import parse_epsilon
+
+    c = OmegaConf.to_container(cfg, resolve=False)
+    for k in NOT_RESULTS:
+        c.pop(k, None)
+    c["epsilon"] = parse_epsilon(c["epsilon"])  # "8/255" and 0.0313725... are the same cell
+    c = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sweep_id(task_overrides: Iterable[str], experiment: str) -> str:
+    """Identity of a sweep command: its overrides (order-free) minus tracking.resume/hydra.*."""
+    keep = sorted(o for o in task_overrides
+                  if not o.lstrip("+~").startswith(("hydra.", "tracking.resume")))
+    blob = json.dumps({"overrides": keep, "experiment": experiment})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished_cells(client: Any, experiment_id: str, ids: Iterable[str]) -> dict[str, str]:
+    """cell_id -> run_id of a FINISHED run, for those of ``ids`` that have one."""
+    found: dict[str, str] = {}
+    for cid in sorted(set(ids)):
+        runs = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
+                                  f"AND attributes.status = 'FINISHED'", max_results=1)
+        if runs:
+            found[cid] = runs[0].info.run_id
+    return found
+
+
+def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
+    """Mark RUNNING runs of a cell FAILED (left by a killed process); return how many."""
+    stale = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
+                               f"AND attributes.status = 'RUNNING'", max_results=1000)
+    for r in stale:
+        client.set_tag(r.info.run_id, ERROR_TAG, "left RUNNING by an interrupted process; re-run")
+        client.set_terminated(r.info.run_id, "FAILED")
+    if stale:
+        log.warning("cell %s: marked %d stale RUNNING run(s) FAILED", cid, len(stale))
+    return len(stale)
+
+
+def parent_run_id() -> str | None:
+    return os.environ.get(PARENT_ENV) or None
+
+
+def get_or_create_parent(client: Any, experiment_id: str, sid: str, name: str,
+                         tags: dict[str, str]) -> str:
+    """The sweep's parent run: reopened if this sweep ran before, else created."""
+    prev = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sid}' AND "
+                              f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if prev:
+        run_id = prev[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        log.info("resuming sweep %s in parent run %s", sid, run_id)
+        return run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={SWEEP_TAG: sid, ROLE_TAG: "sweep", **tags})
+    log.info("sweep %s: parent run %s", sid, run.info.run_id)
+    return run.info.run_id

@@ -1,0 +1,158 @@
+"""Sweeps as MLflow parent + children: resume by cell_id, failures recorded, summary, report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustsweep.config import compose
+from robustsweep.summary import wilson
+from robustsweep.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG, cell_id
+from tests.test_cli import cli
+
+pytestmark = pytest.mark.slow
+GRID = ["-m", "sparsity=0,0.5", "epsilon=0.05,0.1", "train.epochs=5", "attribution.n_images=2",
+        "attribution.n_steps=16"]
+
+
+def _client(root: Path) -> tuple[MlflowClient, str]:
+    c = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    return c, c.get_experiment_by_name("robustsweep").experiment_id
+
+
+def _runs(root: Path, status: str | None = None):
+    c, exp = _client(root)
+    flt = f"attributes.status = '{status}'" if status else ""
+    return c.search_runs([exp], flt, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    p = cli(root, *GRID)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return root
+
+
+def test_sweep_is_one_parent_with_children_and_a_summary(swept):
+    runs = _runs(swept)
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "cell"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["hydra.sweep.dir"] and "sparsity=0,0.5" in parent.data.tags["hydra.overrides"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags[CELL_TAG] for c in children}) == 4
+    client, _ = _client(swept)
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/heatmap_asr.png", "summary/heatmap_robust_acc.png", "summary/curves.png",
+            "summary/attention_drift.png", "summary/cells.csv"} <= files
+    text = Path(client.download_artifacts(parent.info.run_id, "summary/cells.csv")).read_text()
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 4
+
+
+def test_relaunch_skips_finished_cells_and_reuses_the_parent(swept):
+    p = cli(swept, *GRID)
+    assert p.returncode == 0
+    assert "4 already FINISHED in the store (skipped), 0 to run" in p.stdout + p.stderr
+    assert len(_runs(swept, "FINISHED")) == 5  # 4 cells + the same parent
+    assert len([r for r in _runs(swept) if r.data.tags.get(ROLE_TAG) == "sweep"]) == 1
+
+
+def test_report_rebuilds_the_summary_from_the_store(swept, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "robustsweep.report", "--out", str(tmp_path / "r")],
+                       cwd=swept, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert {f.name for f in (tmp_path / "r").iterdir()} >= {
+        "heatmap_asr.png", "heatmap_robust_acc.png", "curves.png", "attention_drift.png", "cells.csv"}
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "cells.csv").read_text())))
+    assert len(rows) == 4 and all(0 <= float(r["asr"]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("args", [["--experiment", "nope"], ["--parent-run-id", "0123abcd"],
+                                  ["--tracking-uri", "sqlite:///missing/store.db"]])
+def test_report_bad_input_exits_2_and_modifies_nothing(swept, args):
+    import subprocess
+    import sys
+
+    db = swept / "outputs" / "mlflow.db"
+    before = db.stat().st_mtime_ns
+    p = subprocess.run([sys.executable, "-m", "robustsweep.report", *args], cwd=swept,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip(), p.stderr
+    assert db.stat().st_mtime_ns == before
+    assert not (swept / "missing").exists()
+
+
+def test_stale_running_run_is_failed_and_the_cell_rerun(tmp_path):
+    p = cli(tmp_path, *GRID)
+    assert p.returncode == 0
+    client, _ = _client(tmp_path)
+    victim = next(r for r in _runs(tmp_path, "FINISHED") if r.data.tags.get(ROLE_TAG) == "cell")
+    # what a SIGKILL leaves: the cell's run still RUNNING, no FINISHED run for the cell
+    client.update_run(victim.info.run_id, status="RUNNING")
+    p = cli(tmp_path, *GRID)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    assert "3 already FINISHED in the store (skipped), 1 to run" in p.stdout + p.stderr
+    stale = client.get_run(victim.info.run_id)
+    assert stale.info.status == "FAILED" and ERROR_TAG in stale.data.tags
+    cells = [r for r in _runs(tmp_path, "FINISHED") if r.data.tags.get(ROLE_TAG) == "cell"]
+    assert len(cells) == 4 and len({r.data.tags[CELL_TAG] for r in cells}) == 4
+
+
+def test_failing_cell_is_recorded_and_the_others_run(tmp_path):
+    p = cli(tmp_path, "-m", "data.n_eval=50,100000", "train.epochs=3", "attribution=none")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "1 of 2 cells failed" in out and "data.n_eval=100000" in out
+    runs = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "cell"]
+    status = {r.data.params.get("data.n_eval", r.data.tags.get("hydra.overrides")): r.info.status
+              for r in runs}
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"], status
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert "n_eval" in failed.data.tags[ERROR_TAG]
+    parent = next(r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "sweep")
+    assert parent.info.status == "FAILED"
+
+
+def test_single_run_has_no_parent(tmp_path):
+    p = cli(tmp_path, "train.epochs=3", "attribution=none")
+    assert p.returncode == 0
+    (run,) = _runs(tmp_path)
+    assert "mlflow.parentRunId" not in run.data.tags
+
+
+def test_cell_id_ignores_paths_and_tracking_but_not_results():
+    base = cell_id(compose(["epsilon=8/255"]))
+    assert base == cell_id(compose([f"epsilon={8 / 255}"]))
+    assert base == cell_id(compose(["epsilon=8/255", "paths.output_dir=/elsewhere",
+                                    "tracking.experiment=other", "tracking.resume=false"]))
+    assert base != cell_id(compose(["epsilon=8/255", "sparsity=0.25"]))
+    assert base != cell_id(compose(["epsilon=8/255", "attack=pgd"]))
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+    assert wilson(10, 10)[1] == pytest.approx(1.0)
+    assert wilson(10, 10)[0] == pytest.approx(0.7225, abs=1e-3)
+    assert all(x != x for x in wilson(0, 0))
+
+
+def test_resume_false_reruns_cells(tmp_path):
+    grid = ["-m", "sparsity=0,0.5", "train.epochs=3", "attribution=none"]
+    assert cli(tmp_path, *grid).returncode == 0
+    p = cli(tmp_path, *grid, "tracking.resume=false")
+    assert p.returncode == 0 and "0 already FINISHED" in p.stdout + p.stderr
+    assert len([r for r in _runs(tmp_path, "FINISHED") if r.data.tags.get(ROLE_TAG) == "cell"]) == 4
+    shutil.rmtree(tmp_path / "outputs")

@@ -1,0 +1,124 @@
+"""The MLflow UI, in a real headless Chromium, shows what a sweep logged.
+
+Starts ``mlflow server`` on 127.0.0.1 against a store filled by a small real sweep (2 x 2 cells),
+then checks with Playwright driving the system Chromium (no browser download): the experiment,
+the sweep's parent run with its child runs, a metric column, and the IG figure and summary
+heatmap artifacts. Screenshots go to ``outputs/ui_test/`` in the repository.
+Skipped when Chromium or Playwright is not installed (``.ci/run`` installs both).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.test_cli import cli
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+if CHROMIUM is None:
+    pytest.skip("no system chromium", allow_module_level=True)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    p = cli(root, "-m", "sparsity=0,0.5", "epsilon=0.05,0.1", "train.epochs=5",
+            "attribution.n_images=2", "attribution.n_steps=16")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root}/outputs/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    yield url, client, client.get_experiment_by_name("robustsweep").experiment_id
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_ui_shows_sweep_children_metric_and_ig_figure(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, client, exp = server
+    runs = client.search_runs([exp])
+    parent = next(r for r in runs if r.data.tags.get("robustsweep.role") == "sweep")
+    child = next(r for r in runs if r.data.tags.get("robustsweep.role") == "cell")
+    shots = REPO / "outputs" / "ui_test"
+    shots.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1700, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        # the experiment's runs: one parent row; expanding it shows the four children
+        page.goto(f"{url}/#/experiments/{exp}/runs")
+        expect(page.get_by_text("robustsweep").first).to_be_visible()
+        assistant = page.get_by_role("button", name="Close")
+        if assistant.count():  # MLflow 3's assistant side panel hides half the table
+            assistant.first.click()
+        parent_row = page.locator("[role=row]").filter(has_text=parent.info.run_name[:20]).first
+        expect(parent_row).to_be_visible()
+        expect(page.get_by_text(child.info.run_name)).to_have_count(0)  # folded under the parent
+        parent_row.locator("button").first.click()
+        for r in runs:
+            if r.data.tags.get("robustsweep.role") == "cell":
+                expect(page.get_by_text(r.info.run_name).first).to_be_visible()
+
+        # a metric column
+        page.get_by_role("button", name=re.compile("Columns")).click()
+        page.get_by_text("asr", exact=True).first.click()
+        page.keyboard.press("Escape")
+        expect(page.locator("[role=columnheader]").filter(has_text=re.compile(r"^asr$"))).to_be_visible()
+        page.screenshot(path=str(shots / "runs.png"))
+
+        # the child's IG figure
+        page.goto(f"{url}/#/experiments/{exp}/runs/{child.info.run_id}/artifacts")
+        page.get_by_text("ig", exact=True).first.click()
+        page.get_by_text("ig_maps.png").first.click()
+        img = page.get_by_role("img", name="ig/ig_maps.png")
+        expect(img).to_be_visible()
+        expect(img).to_have_js_property("complete", True)
+        assert img.evaluate("(el) => el.naturalWidth") > 100  # the PNG really loaded
+        page.screenshot(path=str(shots / "ig_figure.png"))
+
+        # the parent's summary heatmap
+        page.goto(f"{url}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts")
+        page.get_by_text("summary", exact=True).first.click()
+        page.get_by_text("heatmap_asr.png").first.click()
+        img = page.get_by_role("img", name="summary/heatmap_asr.png")
+        expect(img).to_be_visible()
+        page.screenshot(path=str(shots / "summary_heatmap.png"))
+        browser.close()
+    assert (shots / "runs.png").stat().st_size > 10_000
