@@ -1,6 +1,6 @@
 """The MLflow UI, in a real headless Chromium, shows what a sweep logged.
 
-Starts ``mlflow server`` on 127.0.0.1 against a store filled by a small real sweep (2 x 2 cells),
+Starts ``mlflow server`` on 127.0.0.1 against a store filled by a real 4 x 3 quickstart sweep,
 then checks with Playwright driving the system Chromium (no browser download): the experiment,
 the sweep's parent run with its child runs, a metric column, and the IG figure and summary
 heatmap artifacts. Screenshots go to ``outputs/ui_test/`` in the repository.
@@ -42,8 +42,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    p = cli(root, "-m", "sparsity=0,0.5", "epsilon=0.05,0.1", "train.epochs=5",
-            "attribution.n_images=2", "attribution.n_steps=16")
+    p = cli(root, "-m", "experiment=quickstart", "sparsity=0,0.25,0.5,0.75", "epsilon=0.05,0.1,0.2",
+            "train.epochs=5", "attribution.n_images=3", "attribution.n_steps=16")
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     port = _free_port()
     proc = subprocess.Popen(
@@ -82,7 +82,7 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         page = browser.new_page(viewport={"width": 1700, "height": 1000})
         page.set_default_timeout(60_000)
 
-        # the experiment's runs: one parent row; expanding it shows the four children
+        # the experiment's runs: one parent row; expanding it shows the twelve children
         page.goto(f"{url}/#/experiments/{exp}/runs")
         expect(page.get_by_text("robustsweep").first).to_be_visible()
         assistant = page.get_by_role("button", name="Close")
@@ -92,9 +92,11 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         expect(parent_row).to_be_visible()
         expect(page.get_by_text(child.info.run_name)).to_have_count(0)  # folded under the parent
         parent_row.locator("button").first.click()
-        for r in runs:
-            if r.data.tags.get("robustsweep.role") == "cell":
-                expect(page.get_by_text(r.info.run_name).first).to_be_visible()
+        cells = [r for r in runs if r.data.tags.get("robustsweep.role") == "cell"]
+        assert len(cells) == 12
+        for r in cells:
+            expect(page.get_by_text(r.info.run_name).first).to_be_visible()
+        expect(page.get_by_text("13 matching runs")).to_be_visible()
 
         # a metric column
         page.get_by_role("button", name=re.compile("Columns")).click()
@@ -120,5 +122,10 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         img = page.get_by_role("img", name="summary/heatmap_asr.png")
         expect(img).to_be_visible()
         page.screenshot(path=str(shots / "summary_heatmap.png"))
+        for name in ("attention_drift.png", "cells.csv", "curves.png", "heatmap_robust_acc.png"):
+            expect(page.get_by_text(name).first).to_be_attached()
+        page.get_by_text("curves.png").first.click()
+        expect(page.get_by_role("img", name="summary/curves.png")).to_be_visible()
+        page.screenshot(path=str(shots / "summary_curves.png"))
         browser.close()
     assert (shots / "runs.png").stat().st_size > 10_000
