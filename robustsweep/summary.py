@@ -107,37 +107,41 @@ def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
     return fig
 
 
+def _band(ax: plt.Axes, xs: list[float], ys: list[float], ks: list[float], ns: list[float],
+          label: str) -> None:
+    """A line with its 95 % Wilson band (k successes out of n at each point)."""
+    lo, hi = zip(*[wilson(k, n) for k, n in zip(ks, ns, strict=True)], strict=True)
+    ax.plot(xs, ys, "o-", label=label)
+    ax.fill_between(xs, lo, hi, alpha=0.18)
+
+
 def curves(cells: list[dict[str, Any]]) -> plt.Figure:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     # clean accuracy depends only on (prune method, sparsity): one curve per method
     by_method: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
     for c in cells:
         by_method[c["prune.method"]].setdefault(c["sparsity"], c)
     for method, d in sorted(by_method.items()):
-        xs = sorted(d)
-        ys = [d[x]["clean_acc"] for x in xs]
-        lo, hi = zip(*[wilson(d[x]["n_correct"], d[x]["n_eval"]) for x in xs], strict=True)
-        a1.plot(xs, ys, "o-", label=method)
-        a1.fill_between(xs, lo, hi, alpha=0.2)
-    a1.set_xlabel("sparsity (fraction of weights zeroed)")
-    a1.set_ylabel("clean accuracy")
-    a1.set_ylim(0, 1)
-    a1.set_title("clean accuracy (95 % Wilson interval)")
-    a1.legend(fontsize=8)
+        cs = [d[x] for x in sorted(d)]
+        _band(axes[0], sorted(d), [c["clean_acc"] for c in cs], [c["n_correct"] for c in cs],
+              [c["n_eval"] for c in cs], method)
+    # ASR: one curve per (attack, method, eps), over the images the model got right
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
         lines[(c["attack.name"], c["prune.method"], c["epsilon"])].append(c)
     for (attack, method, eps), cs in sorted(lines.items()):
         cs = sorted(cs, key=lambda c: c["sparsity"])
-        xs = [c["sparsity"] for c in cs]
-        lo, hi = zip(*[wilson(c["n_fooled"], c["n_correct"]) for c in cs], strict=True)
-        a2.plot(xs, [c["asr"] for c in cs], "o-", label=f"{attack} {_eps_label(eps)}/255 ({method})")
-        a2.fill_between(xs, lo, hi, alpha=0.15)
-    a2.set_xlabel("sparsity (fraction of weights zeroed)")
-    a2.set_ylabel("attack success rate")
-    a2.set_ylim(0, 1)
-    a2.set_title("ASR over correctly classified images (95 % Wilson)")
-    a2.legend(fontsize=7)
+        _band(axes[1], [c["sparsity"] for c in cs], [c["asr"] for c in cs],
+              [c["n_fooled"] for c in cs], [c["n_correct"] for c in cs],
+              f"{attack} {_eps_label(eps)}/255 ({method})")
+    for ax, ylabel, title in ((axes[0], "clean accuracy", "clean accuracy (95 % Wilson interval)"),
+                              (axes[1], "attack success rate",
+                               "ASR over correctly classified images (95 % Wilson)")):
+        ax.set_xlabel("sparsity (fraction of weights zeroed)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     return fig
 
 

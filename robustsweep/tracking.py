@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -102,8 +101,3 @@ def run_name(cfg: DictConfig) -> str:
     return (f"{cfg.model.name}-{cfg.prune.method}-s{cfg.sparsity:.2f}-"
             f"{cfg.attack.name}-eps{eps255:.3g}/255")
 
-
-def artifact_path(run_dir: Path, name: str) -> Path:
-    p = run_dir / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p

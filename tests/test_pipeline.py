@@ -71,8 +71,10 @@ def test_epsilon_zero_gives_asr_zero_end_to_end(make_cfg):
 
 
 def test_same_seed_same_metrics(make_cfg):
-    a = run(make_cfg("attack=pgd", "attack.steps=3"))
-    b = run(make_cfg("attack=pgd", "attack.steps=3"))
+    # resume=false: compute the cell twice instead of returning the stored run
+    a = run(make_cfg("attack=pgd", "attack.steps=3", "tracking.resume=false"))
+    b = run(make_cfg("attack=pgd", "attack.steps=3", "tracking.resume=false"))
+    assert "mlflow_s" in a and "mlflow_s" in b  # both computed, neither skipped
     for k in METRIC_NAMES:
         assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k]))
 
@@ -92,3 +94,12 @@ def test_bad_value_starts_no_mlflow_run(make_cfg, tmp_path):
     with pytest.raises(ConfigError):
         run(make_cfg("sparsity=1.5"))
     assert not (tmp_path / "outputs").exists()
+
+
+def test_finished_cell_is_not_computed_again(make_cfg, caplog, tmp_path):
+    a = run(make_cfg("attribution.n_images=0"))
+    caplog.set_level(logging.INFO)
+    b = run(make_cfg("attribution.n_images=0"))
+    assert "already FINISHED" in caplog.text
+    assert {k: b[k] for k in METRIC_NAMES if k in b} == {k: a[k] for k in METRIC_NAMES if k in a}
+    assert len(_runs(tmp_path)[1]) == 1

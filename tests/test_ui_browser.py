@@ -105,23 +105,18 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         expect(page.locator("[role=columnheader]").filter(has_text=re.compile(r"^asr$"))).to_be_visible()
         page.screenshot(path=str(shots / "runs.png"))
 
-        # the child's IG figure
-        page.goto(f"{url}/#/experiments/{exp}/runs/{child.info.run_id}/artifacts")
-        page.get_by_text("ig", exact=True).first.click()
-        page.get_by_text("ig_maps.png").first.click()
-        img = page.get_by_role("img", name="ig/ig_maps.png")
-        expect(img).to_be_visible()
-        expect(img).to_have_js_property("complete", True)
-        assert img.evaluate("(el) => el.naturalWidth") > 100  # the PNG really loaded
-        page.screenshot(path=str(shots / "ig_figure.png"))
+        def show_artifact(run_id: str, folder: str, name: str, shot: str) -> None:
+            page.goto(f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts")
+            page.get_by_text(folder, exact=True).first.click()
+            page.get_by_text(name).first.click()
+            img = page.get_by_role("img", name=f"{folder}/{name}")
+            expect(img).to_be_visible()
+            expect(img).to_have_js_property("complete", True)
+            assert img.evaluate("(el) => el.naturalWidth") > 100  # the PNG really loaded
+            page.screenshot(path=str(shots / shot))
 
-        # the parent's summary heatmap
-        page.goto(f"{url}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts")
-        page.get_by_text("summary", exact=True).first.click()
-        page.get_by_text("heatmap_asr.png").first.click()
-        img = page.get_by_role("img", name="summary/heatmap_asr.png")
-        expect(img).to_be_visible()
-        page.screenshot(path=str(shots / "summary_heatmap.png"))
+        show_artifact(child.info.run_id, "ig", "ig_maps.png", "ig_figure.png")
+        show_artifact(parent.info.run_id, "summary", "heatmap_asr.png", "summary_heatmap.png")
         for name in ("attention_drift.png", "cells.csv", "curves.png", "heatmap_robust_acc.png"):
             expect(page.get_by_text(name).first).to_be_attached()
         page.get_by_text("curves.png").first.click()
