@@ -89,13 +89,17 @@ def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
         sps = sorted({c["sparsity"] for c in cs})
         epss = sorted({c["epsilon"] for c in cs})
         grid = np.full((len(sps), len(epss)), np.nan)
+        collapsed = np.zeros_like(grid, dtype=bool)  # one predicted class: the value means nothing
         for c in cs:
-            grid[sps.index(c["sparsity"]), epss.index(c["epsilon"])] = c[metric]
+            i, j = sps.index(c["sparsity"]), epss.index(c["epsilon"])
+            grid[i, j] = c[metric]
+            collapsed[i, j] = c["n_pred_classes"] <= 1
         im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto", origin="lower")
         for i in range(len(sps)):
             for j in range(len(epss)):
                 v = grid[i, j]
-                ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                text = "–" if np.isnan(v) else f"{v:.2f}" + ("\n(1 class)" if collapsed[i, j] else "")
+                ax.text(j, i, text, ha="center", va="center",
                         color="white" if (v > 0.55) == (metric == "asr") else "black", fontsize=9)
         ax.set_xticks(range(len(epss)), [_eps_label(e) for e in epss])
         ax.set_yticks(range(len(sps)), [f"{s:.2f}" for s in sps])

@@ -112,3 +112,14 @@ def test_finetuning_keeps_the_masks(digits_model):
     train_model(model, ds, cfg.train, seed=0, epochs=1, lr=0.05)
     make_permanent(targets)
     assert measured_sparsity(targets) == pytest.approx(0.5, abs=0.005)
+
+
+def test_resnet18_cifar_variant_prunes_and_predicts():
+    model = _model("resnet18").eval()
+    assert model.net.conv1.kernel_size == (3, 3) and model.net.conv1.stride == (1, 1)
+    assert isinstance(model.net.maxpool, nn.Identity)
+    targets = apply_pruning(model, "global_l1", 0.5, ["conv", "linear"])
+    make_permanent(targets)
+    assert measured_sparsity(targets) == pytest.approx(0.5, abs=0.005)
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
