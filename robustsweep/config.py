@@ -16,6 +16,7 @@ Every error names the key, the value and what is allowed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -153,6 +154,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _number_in(cfg: DictConfig, key: str, lo: float, hi: float, allowed: str,
+               low_open: bool = False, high_open: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    if ok:
+        ok = (value > lo if low_open else value >= lo) and (value < hi if high_open else value <= hi)
+    _check(ok, key, value, allowed)
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check every value that the type system cannot; return a copy with ``epsilon`` as float.
 
@@ -188,7 +198,16 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     _positive_int(cfg, "train.epochs")
     _positive_int(cfg, "train.batch_size")
-    _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a float > 0")
+    _number_in(cfg, "train.lr", 0.0, math.inf, "a number > 0", low_open=True)
+    _number_in(cfg, "train.weight_decay", 0.0, math.inf, "a number >= 0")
+    _number_in(cfg, "train.warmup_fraction", 0.0, 1.0, "a number in (0, 1)", low_open=True,
+               high_open=True)
+    _number_in(cfg, "train.label_smoothing", 0.0, 1.0, "a number in [0, 1)", high_open=True)
+    crop = cfg.train.crop_pad
+    _check(isinstance(crop, int) and not isinstance(crop, bool) and crop >= 0, "train.crop_pad",
+           crop, "an integer >= 0 (pixels)")
+    _check(isinstance(cfg.train.flip, bool), "train.flip", cfg.train.flip, "true or false")
+    _number_in(cfg, "prune.finetune_lr", 0.0, math.inf, "a number > 0", low_open=True)
 
     _check(cfg.prune.method in PRUNE_METHODS, "prune.method", cfg.prune.method,
            ", ".join(sorted(PRUNE_METHODS)))
@@ -215,6 +234,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(isinstance(n_img, int) and n_img >= 0, "attribution.n_images", n_img, "an integer >= 0")
     if n_img > 0:
         _positive_int(cfg, "attribution.n_steps")
+        _positive_int(cfg, "attribution.internal_batch_size")
         _check(cfg.attribution.baseline in ("black", "white", "gray"), "attribution.baseline",
                cfg.attribution.baseline, "black, white, gray")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,

@@ -74,6 +74,13 @@ def test_unknown_key_fails_at_compose_time():
     (["attribution.baseline=noise"], "attribution.baseline"),
     (["prune.layers=[conv,attention]"], "prune.layers"),
     (["data.n_eval=0"], "data.n_eval"),
+    (["train.lr=abc"], "train.lr"),
+    (["train.lr=0"], "train.lr"),
+    (["train.label_smoothing=1.5"], "train.label_smoothing"),
+    (["train.flip=maybe"], "train.flip"),
+    (["train.crop_pad=-1"], "train.crop_pad"),
+    (["prune.finetune_lr=-0.1"], "prune.finetune_lr"),
+    (["attack=pgd", "attack.step_size=abc"], "attack.step_size"),
     (["model.checkpoint=/nonexistent/weights.safetensors"], "model.checkpoint"),
 ])
 def test_bad_values_name_key_value_and_allowed(overrides, key):
