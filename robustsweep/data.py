@@ -179,12 +179,31 @@ def check_data_config(cfg: DictConfig) -> None:
 def _load_cpu(key: str) -> tuple[Arrays, tuple[float, ...], tuple[float, ...]]:
     cfg = OmegaConf.create(key)
     arrays = DATASETS[cfg.name](cfg)
-    x_train = arrays[0]
+    if arrays[0].dtype != np.uint8 or arrays[2].dtype != np.uint8:
+        raise ConfigError(f"data.name={cfg.name!r}: the loader returned {arrays[0].dtype} images; "
+                          f"allowed: uint8 pixels in [0, 255] (normalisation happens inside the model)")
     # Per-channel statistics of the training split unless the config fixes them.
-    xt = x_train.astype(np.float32) / 255.0
-    mean = tuple(cfg.mean) if cfg.get("mean") else tuple(float(v) for v in xt.mean(axis=(0, 2, 3)))
-    std = tuple(cfg.std) if cfg.get("std") else tuple(float(v) for v in xt.std(axis=(0, 2, 3)))
+    m, sd = channel_stats(arrays[0])
+    mean = tuple(cfg.mean) if cfg.get("mean") else m
+    std = tuple(cfg.std) if cfg.get("std") else sd
     return arrays, mean, std
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of uint8 NCHW images, in chunks.
+
+    A float copy of CIFAR-10's training split would be 600 MB; chunked sums need a few MB.
+    """
+    s1 = np.zeros(x.shape[1])
+    s2 = np.zeros(x.shape[1])
+    for i in range(0, len(x), chunk):
+        b = x[i:i + chunk].astype(np.float64) / 255.0
+        s1 += b.sum(axis=(0, 2, 3))
+        s2 += (b * b).sum(axis=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def identity(cfg: DictConfig) -> dict:

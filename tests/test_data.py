@@ -90,3 +90,29 @@ def test_showcase_images_are_fixed_and_span_classes():
     assert set(idx.tolist()) <= set(ds.eval_idx.tolist())
     assert len(set(ds.y_test[idx].tolist())) == 6  # six different classes
     assert len(ds.showcase_idx(12).unique()) == 12  # beyond one per class: no repeats
+
+
+def test_channel_stats_match_numpy_on_float_copy():
+    from robustsweep.data import channel_stats
+
+    x = np.random.default_rng(0).integers(0, 256, (50, 3, 5, 4), dtype=np.uint8)
+    mean, std = channel_stats(x, chunk=7)
+    f = x.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, f.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(std, f.std(axis=(0, 2, 3)), rtol=1e-7)
+
+
+def test_loader_returning_normalised_floats_is_rejected(monkeypatch):
+    from robustsweep import data as data_mod
+
+    def bad(cfg):
+        x = np.zeros((4, 1, 8, 8), np.float32) - 0.5  # normalised tensors: the classic mistake
+        return x, np.zeros(4, np.int64), x, np.zeros(4, np.int64), ["a"]
+
+    monkeypatch.setitem(data_mod.DATASETS, "digits", bad)
+    data_mod._load_cpu.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="uint8"):
+            load_dataset(compose(["data.split_seed=123"]).data)
+    finally:
+        data_mod._load_cpu.cache_clear()
