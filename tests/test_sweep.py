@@ -171,14 +171,12 @@ def test_sigkill_mid_sweep_then_relaunch_completes_exactly_once(tmp_path):
             "attack.steps=300"]  # slow cells, so the kill lands mid-sweep
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # Watch Hydra's job folders, not the store: a second process opening a brand-new SQLite
+        # store while the sweep migrates it races on MLflow's schema migration.
         deadline = time.time() + 300
-        while time.time() < deadline:
-            db = tmp_path / "outputs" / "mlflow.db"
-            if db.exists() and len([r for r in _runs_safe(tmp_path) if r.info.status == "FINISHED"
-                                    and r.data.tags.get(ROLE_TAG) == "cell"]) >= 3:
-                break
-            time.sleep(0.3)
-        time.sleep(0.3)
+        while time.time() < deadline and not list(tmp_path.glob("outputs/multiruns/*/*/3")):
+            time.sleep(0.2)
+        time.sleep(0.5)  # job 3 is under way; jobs 0-2 are FINISHED
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -195,9 +193,3 @@ def test_sigkill_mid_sweep_then_relaunch_completes_exactly_once(tmp_path):
     parents = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
-
-def _runs_safe(root: Path):
-    try:
-        return _runs(root)
-    except Exception:  # store being created by the sweep
-        return []
