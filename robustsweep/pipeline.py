@@ -80,30 +80,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     mlflow_s = time.perf_counter() - t_mlflow
     with _artifact_dir() as job_dir, active:
         try:
-            metrics = _compute(cfg, job_dir / "mlflow")
+            metrics, baseline_source = _compute(cfg, job_dir / "mlflow", out_dir)
         except BaseException as e:
             client.set_tag(active.info.run_id, sweep.ERROR_TAG, f"{type(e).__name__}: {e}"[:4000])
             raise
-        # One batched call for params + metrics, one for the artifact folder.
+        # One batched call for params + metrics + tags, one for the artifact folder.
         t_mlflow = time.perf_counter()
         metrics["job_s"] = time.perf_counter() - t_start
         now = int(time.time() * 1000)
         client.log_batch(
             active.info.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-            params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()])
+            params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()],
+            tags=[RunTag("robustsweep.baseline", baseline_source)])
         mlflow.log_artifacts(str(job_dir / "mlflow"))
         mlflow_s += time.perf_counter() - t_mlflow
-        client.log_batch(active.info.run_id, metrics=[Metric("mlflow_s", mlflow_s, now, 0)],
-                         tags=[RunTag("robustsweep.mlflow_s", f"{mlflow_s:.3f}")])
+        client.log_metric(active.info.run_id, "mlflow_s", mlflow_s, now)
     metrics["mlflow_s"] = mlflow_s
     return metrics
 
 
-def _compute(cfg: DictConfig, stage: Path) -> dict[str, float]:
-    """The numbers and files of one cell; files are staged in ``stage`` for one upload."""
+def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, float], str]:
+    """The numbers and files of one cell (staged in ``stage`` for one upload), and where the
+    dense baseline came from (trained / cache / checkpoint)."""
     device = resolve_device(cfg.device)
-    out_dir = resolve_path(cfg.paths.output_dir)
     eps = float(cfg.epsilon)
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -153,7 +153,7 @@ def _compute(cfg: DictConfig, stage: Path) -> dict[str, float]:
 
     log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
              res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
-    return metrics
+    return metrics, base["source"]
 
 
 def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cfg: DictConfig,

@@ -33,6 +33,7 @@ def test_run_logs_one_mlflow_run_with_metrics_params_artifacts(make_cfg, tmp_pat
     assert r.data.params["epsilon"] == str(8 / 255)  # stored as the parsed float
     assert r.data.params["prune.method"] == "l1_unstructured"
     assert r.data.params["attack.name"] == "fgsm"
+    assert r.data.tags["robustsweep.baseline"] == "trained"  # first job of a fresh store
     top = {a.path for a in client.list_artifacts(r.info.run_id)}
     ig = {a.path for a in client.list_artifacts(r.info.run_id, "ig")}
     assert "config.yaml" in top and {"ig/ig_maps.png", "ig/attributions.npz"} <= ig

@@ -37,9 +37,6 @@ class InvalidSweepError(CompactHydraException):
 
 
 class ValidatingSweeper(BasicSweeper):
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        self._compose_and_validate(batch)
-
     def _compose_and_validate(self, batch: Sequence[Sequence[str]]) -> list[DictConfig]:
         from robustsweep.config import ConfigError, validate
 
