@@ -21,8 +21,9 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +48,48 @@ class PathsConfig:
     output_dir: str = "outputs"
 
 
+class Sampler(Enum):
+    bisection = "bisection"  # 1-D monotone: halves the bracket (robustsweep.search.BisectionSampler)
+    tpe = "tpe"  # Optuna TPE with the safety criterion as a constraint
+    gp = "gp"  # Optuna's Gaussian-process sampler, same constraint
+    random = "random"
+
+
+class Criterion(Enum):
+    asr = "asr"
+    robust_acc = "robust_acc"
+
+
+class Direction(Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+@dataclass
+class SearchConfig:
+    """``search=cliff``: an Optuna study over Hydra jobs (hydra_plugins/robustsweep_optuna).
+
+    The searched keys and ranges live in ``hydra.sweeper.params`` (or on the command line,
+    ``sparsity=interval(0,0.99)``); these keys say what to optimise and how.
+    """
+
+    param: str = "sparsity"  # the key whose cliff is located
+    reference: float = 0.0  # value of `param` for the dense reference (trial 0)
+    criterion: Optional[Criterion] = Criterion.asr  # noqa: UP045 ; null = plain optimisation
+    delta: float = 0.10  # safe: criterion worsens by at most this (fraction, 0..1)
+    delta_acc: float = 0.05  # safe: clean accuracy falls by at most this (fraction, 0..1)
+    objective: str = "sparsity"  # a searched key or a metric the job returns
+    direction: Direction = Direction.maximize
+    sampler: Sampler = Sampler.bisection
+    n_trials: int = 20  # total over all launches of the study (a relaunch continues to it)
+    n_jobs: int = 1  # trials launched together (Hydra launcher batch)
+    tol: float = 0.01  # bisection stops when the bracket is this narrow
+    max_failure_rate: float = 0.25  # of n_trials; more failed trials stop the study
+    storage: Optional[str] = None  # noqa: UP045 ; null = journal file under paths.output_dir
+    study_name: Optional[str] = None  # noqa: UP045 ; null = derived from the fixed overrides
+    seed: int = 0  # sampler seed
+
+
 @dataclass
 class Config:
     """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
@@ -63,6 +106,7 @@ class Config:
     attack: Any = None
     attribution: Any = None
     tracking: Any = None
+    search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsity_measured",
                 "ig_delta")
+# Everything run() returns (ig_* only with attribution on): what a sweeper may optimise.
+RETURNED_METRICS = (*METRIC_NAMES, "n_fooled", "baseline_test_acc", "n_pred_classes", "attack_s",
+                    "ig_s", "job_s", "mlflow_s")
 
 
 @contextlib.contextmanager
@@ -75,6 +79,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     parent = sweep.parent_run_id()
     if parent and "hydra.sweep.dir" in tags:  # a single run has no parent
         tags["mlflow.parentRunId"] = parent
+        if os.environ.get(sweep.TRIAL_ENV):  # a trial of an Optuna study
+            tags["optuna.trial_number"] = os.environ[sweep.TRIAL_ENV]
+            tags["optuna.study_name"] = os.environ.get(sweep.STUDY_ENV, "")
     t_mlflow = time.perf_counter()
     active = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)
     mlflow_s = time.perf_counter() - t_mlflow

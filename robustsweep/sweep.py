@@ -1,7 +1,7 @@
 """Sweeps in MLflow: one parent run per sweep, one child run per cell, resumable by cell identity.
 
 * ``cell_id`` = SHA-256 of the resolved config that determines a cell's results: everything except
-  output paths, tracking settings and Hydra's own node. Same cell, same id, in any sweep.
+  output paths, tracking and search settings and Hydra's own node. Same cell, same id, in any sweep.
 * A sweep is identified by its override list (``sweep_id``); relaunching the same command reuses
   the same parent run, so a resumed sweep still shows as one parent with all its children.
 * Resume: cells that already have a FINISHED run with their ``cell_id`` are skipped (the
@@ -30,7 +30,9 @@ CELL_TAG = "robustsweep.cell_id"
 SWEEP_TAG = "robustsweep.sweep_id"
 ROLE_TAG = "robustsweep.role"
 ERROR_TAG = "robustsweep.error"
-NOT_RESULTS = ("paths", "tracking", "hydra")  # config nodes that cannot change a cell's numbers
+TRIAL_ENV = "ROBUSTSWEEP_OPTUNA_TRIAL"  # set per job by the Optuna sweeper (hydra.job.env_set)
+STUDY_ENV = "ROBUSTSWEEP_OPTUNA_STUDY"
+NOT_RESULTS = ("paths", "tracking", "hydra", "search")  # config nodes that cannot change a cell's numbers
 
 
 def cell_id(cfg: DictConfig) -> str:
@@ -81,10 +83,11 @@ def parent_run_id() -> str | None:
 
 
 def get_or_create_parent(client: Any, experiment_id: str, sid: str, name: str,
-                         tags: dict[str, str]) -> str:
-    """The sweep's parent run: reopened if this sweep ran before, else created."""
+                         tags: dict[str, str], role: str = "sweep") -> str:
+    """The sweep's (or Optuna study's, role="study") parent run: reopened if it ran before,
+    else created."""
     prev = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sid}' AND "
-                              f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1,
+                              f"tags.`{ROLE_TAG}` = '{role}'", max_results=1,
                               order_by=["attributes.start_time DESC"])
     if prev:
         run_id = prev[0].info.run_id
@@ -94,6 +97,6 @@ def get_or_create_parent(client: Any, experiment_id: str, sid: str, name: str,
         log.info("resuming sweep %s in parent run %s", sid, run_id)
         return run_id
     run = client.create_run(experiment_id, run_name=name,
-                            tags={SWEEP_TAG: sid, ROLE_TAG: "sweep", **tags})
+                            tags={SWEEP_TAG: sid, ROLE_TAG: role, **tags})
     log.info("sweep %s: parent run %s", sid, run.info.run_id)
     return run.info.run_id

@@ -91,7 +91,7 @@ def hydra_tags() -> dict[str, str]:
 
 
 def params_of(cfg: DictConfig) -> dict[str, str]:
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     container.pop("hydra", None)
     return {k: str(v) for k, v in flatten(container).items()}
 

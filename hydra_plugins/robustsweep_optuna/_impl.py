@@ -1,0 +1,531 @@
+"""An Optuna study whose trials are Hydra jobs (the work behind ``optuna_sweeper.OptunaSweeper``).
+
+Order of events in ``sweep()``, so that bad input costs nothing:
+
+1. Read ``search.*`` and the search space; check everything that can be checked without running
+   a job (empty/inverted intervals, sampler/space fit, the objective exists, every corner of the
+   space composes and passes ``robustsweep.config.validate``).
+2. Open the storage (JournalStorage file by default) and create or load the study; refuse a study
+   that optimises something else; mark trials left RUNNING by a killed process FAILED.
+3. Open (or reopen) the MLflow parent run of the study; jobs become its children.
+4. Trial 0 is the dense reference (``search.param = search.reference``), run alone, once per study.
+5. Ask a batch of ``n_jobs`` trials, launch them through the configured Hydra launcher, read
+   the metrics each job returns, attach the safety constraints, tell Optuna. A failed job is a
+   FAILED trial; more than ``max_failure_rate * n_trials`` of them stop the study.
+6. After every batch: cliff bracket metrics on the parent; at the end also the figure and a CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Besides the searched parameter, a cliff search may vary only what does not change the dense
+# reference: how the model is pruned.
+REFERENCE_FREE = re.compile(r"^(prune|prune\..+)$")
+
+
+class SearchError(CompactHydraException):
+    """Printed by Hydra as its message alone; raised before any trial runs (or when a study stops)."""
+
+
+class OptunaSweeperImpl(Sweeper):
+    def __init__(self, params: dict[str, str]) -> None:
+        self.params = params
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # ------------------------------------------------------------------------ entry point
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        from robustsweep import sweep as sw
+        from robustsweep.config import ConfigError
+
+        try:
+            plan = self._plan(arguments)
+            study = self._open_study(plan)
+        except ConfigError as e:
+            raise SearchError(f"search not started, nothing was run: {e}") from None
+        try:
+            return self._run(plan, study)
+        finally:
+            os.environ.pop(sw.PARENT_ENV, None)
+            os.environ.pop(sw.STUDY_ENV, None)
+
+    # ------------------------------------------------------------------ 1. checks and plan
+    def _plan(self, arguments: list[str]) -> dict[str, Any]:
+        from robustsweep.config import ConfigError
+        from robustsweep.pipeline import RETURNED_METRICS
+        from robustsweep.search import SAMPLERS, Criterion
+
+        assert self.config is not None and self.hydra_context is not None
+        s = self.config.get("search")
+        if s is None:
+            raise ConfigError("hydra/sweeper=robustsweep_optuna reads its settings from the `search` "
+                              "node, which is not set; allowed: add search=cliff")
+        s = OmegaConf.to_container(s, resolve=True, enum_to_str=True)
+        for key, ok, allowed in (
+                ("n_trials", isinstance(s["n_trials"], int) and s["n_trials"] >= 1, "an integer >= 1"),
+                ("n_jobs", isinstance(s["n_jobs"], int) and s["n_jobs"] >= 1, "an integer >= 1"),
+                ("tol", s["tol"] > 0, "a number > 0"),
+                ("max_failure_rate", 0 <= s["max_failure_rate"] <= 1, "a number in [0, 1]"),
+                ("sampler", s["sampler"] in SAMPLERS, ", ".join(SAMPLERS))):
+            if not ok:
+                raise ConfigError(f"search.{key}={s[key]!r} is not valid; allowed: {allowed}")
+        crit = Criterion(s["criterion"], s["delta"], s["delta_acc"]) if s["criterion"] else None
+
+        fixed, space = self._space(arguments)
+        param = s["param"]
+        if not space:
+            raise ConfigError("nothing to search: no key has a search space; allowed: e.g. "
+                              "sparsity=interval(0, 0.99) on the command line or in hydra.sweeper.params")
+        if crit is not None:
+            if param not in space:
+                raise ConfigError(f"search.param={param!r} is not searched (searched: {', '.join(space)}); "
+                                  f"allowed: give it a range, e.g. {param}=interval(0, 0.99)")
+            others = [k for k in space if k != param and not REFERENCE_FREE.match(k)]
+            if others:
+                raise ConfigError(
+                    f"searching {', '.join(others)} would change the dense reference, which a cliff "
+                    f"search computes once; allowed besides {param}: prune, prune.* (run one search "
+                    f"per value of {', '.join(others)} instead)")
+        if s["sampler"] == "bisection":
+            import optuna
+
+            if crit is None:
+                raise ConfigError("search.sampler=bisection needs search.criterion (asr or "
+                                  "robust_acc); allowed samplers for a plain optimisation: tpe, gp, random")
+            if set(space) != {param} or not isinstance(space[param], optuna.distributions.FloatDistribution) \
+                    or space[param].log:
+                raise ConfigError(
+                    f"search.sampler=bisection searches one linear float key, {param}=interval(a, b); "
+                    f"searched: {', '.join(f'{k}={_describe(v)}' for k, v in space.items())}. Allowed for "
+                    f"several keys: search.sampler=tpe or gp")
+        objective = s["objective"]
+        if objective not in space and objective not in RETURNED_METRICS:
+            raise ConfigError(f"search.objective={objective!r} is neither a searched key "
+                              f"({', '.join(space)}) nor a metric the job returns; allowed: "
+                              f"{', '.join([*space, *RETURNED_METRICS])}")
+
+        jobs = self._corner_jobs(fixed, space, param if crit else None, s["reference"])
+        cfgs = self._validate(jobs)
+        return {"s": s, "crit": crit, "fixed": fixed, "space": space, "param": param,
+                "ref_cfg": cfgs[0]}
+
+    def _space(self, arguments: list[str]) -> tuple[list[str], dict[str, Any]]:
+        """Fixed overrides (as typed) and {key: Optuna distribution}; the command line wins over
+        hydra.sweeper.params."""
+        assert self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        by_key: dict[str, Override] = {}
+        for o in parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()]):
+            by_key[o.get_key_element()] = o
+        for o in parser.parse_overrides(arguments):
+            by_key[o.get_key_element()] = o
+        fixed = [o.input_line for o in by_key.values() if not o.is_sweep_override()]
+        space = {k: _distribution(o) for k, o in by_key.items() if o.is_sweep_override()}
+        return fixed, space
+
+    def _corner_jobs(self, fixed: list[str], space: dict[str, Any], param: str | None,
+                     reference: float) -> list[list[str]]:
+        """The reference job first, then every range end and every choice (others at their first)."""
+        first = {k: _values(d)[0] for k, d in space.items()}
+        if param is not None:
+            first[param] = reference
+        jobs = [_job(fixed, first)]
+        for k, d in space.items():
+            for v in _values(d):
+                jobs.append(_job(fixed, {**first, k: v}))
+        return jobs
+
+    def _validate(self, jobs: list[list[str]]) -> list[DictConfig]:
+        from robustsweep.config import ConfigError, validate
+
+        assert self.hydra_context is not None and self.config is not None
+        cfgs = []
+        for overrides in jobs:
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(
+                    master_config=self.config, sweep_overrides=list(overrides))
+                cfgs.append(validate(cfg))
+            except ConfigError as e:
+                raise ConfigError(f"job [{' '.join(overrides)}]: {e}") from None
+            except Exception as e:  # Hydra's own compose errors (unknown group option, bad type)
+                raise ConfigError(f"job [{' '.join(overrides)}]: {type(e).__name__}: {e}") from None
+        return cfgs
+
+    # --------------------------------------------------------------------- 2. the study
+    def _open_study(self, plan: dict[str, Any]) -> Any:
+        import optuna
+
+        from robustsweep.config import resolve_path
+        from robustsweep.search import build_sampler, check_spec, fail_interrupted_trials
+        from robustsweep.sweep import cell_id
+
+        s, crit, ref_cfg = plan["s"], plan["crit"], plan["ref_cfg"]
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log every trial ourselves
+        default = resolve_path(ref_cfg.paths.output_dir) / "optuna" / "journal.log"
+        from robustsweep.search import open_storage
+
+        storage = open_storage(s["storage"], default)
+        name = s["study_name"] or _default_study_name(plan)
+        sampler = build_sampler(s["sampler"], plan["param"] if crit else None,
+                                constrained=crit is not None, tol=s["tol"], seed=s["seed"])
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                        direction=s["direction"], load_if_exists=True)
+        except Exception as e:
+            from robustsweep.config import ConfigError
+
+            raise ConfigError(f"search.storage={s['storage']!r}: cannot create or load study {name!r} "
+                              f"({type(e).__name__}: {e})") from e
+        spec = {"objective": s["objective"], "direction": s["direction"], "criterion": s["criterion"],
+                "delta": s["delta"] if crit else None, "delta_acc": s["delta_acc"] if crit else None,
+                "param": plan["param"] if crit else None, "reference": s["reference"] if crit else None,
+                "reference_cell": cell_id(ref_cfg) if crit else None}
+        if study.direction.name.lower() != s["direction"]:
+            from robustsweep.config import ConfigError
+
+            raise ConfigError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
+                              f"asked search.direction={s['direction']}; allowed: the same direction or "
+                              f"a new search.study_name=<name>")
+        check_spec(study, spec)
+        fail_interrupted_trials(study)
+        plan["storage_desc"] = _redact(s["storage"]) if s["storage"] else f"journal file {default}"
+        log.info("study %s (%s, sampler %s): %d trial(s) stored", name, plan["storage_desc"],
+                 s["sampler"], len(study.trials))
+        return study
+
+    # ---------------------------------------------------------------------- 3-6. trials
+    def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
+        import mlflow
+        from optuna.trial import TrialState
+
+        from robustsweep import sweep as sw
+        from robustsweep import tracking
+        from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR
+
+        assert self.config is not None
+        s, crit, param, space = plan["s"], plan["crit"], plan["param"], plan["space"]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        experiment_id = tracking.setup(plan["ref_cfg"])
+        client = mlflow.MlflowClient()
+        parent = sw.get_or_create_parent(
+            client, experiment_id, sw.sweep_id([study.study_name, plan["storage_desc"]], "optuna"),
+            name=f"study {study.study_name}"[:250], role="study",
+            tags={"optuna.study_name": study.study_name, "optuna.storage": plan["storage_desc"],
+                  "optuna.sampler": s["sampler"], "hydra.sweep.dir": str(sweep_dir),
+                  "hydra.overrides": " ".join(self.config.hydra.overrides.task),
+                  "robustsweep.search": json.dumps({k: v for k, v in s.items() if k != "storage"})})
+        os.environ[sw.PARENT_ENV] = parent
+        os.environ[sw.STUDY_ENV] = study.study_name
+        self.plan, self.study, self.client, self.parent = plan, study, client, parent
+
+        def counted() -> list[Any]:
+            return [t for t in study.get_trials(deepcopy=False)
+                    if t.state == TrialState.COMPLETE
+                    or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR))]
+
+        returns: list[Sequence[JobReturn]] = []
+        failures: list[str] = []
+        ref = self._reference_metrics()
+        if crit is not None and ref is None and not any(
+                t.user_attrs.get(ROLE_ATTR) == "reference" and t.state == TrialState.WAITING
+                for t in study.get_trials(deepcopy=False)):
+            study.enqueue_trial({param: float(s["reference"])}, user_attrs={ROLE_ATTR: "reference"})
+        n_before = len(counted())
+        if n_before:
+            log.info("continuing study %s: %d finished trial(s) count towards n_trials=%d",
+                     study.study_name, n_before, s["n_trials"])
+        stop_reason = "n_trials reached"
+        while len(counted()) < s["n_trials"]:
+            if crit is not None and ref is not None and self._converged():
+                stop_reason = f"bracket narrower than tol={s['tol']} (or no cliff in the range)"
+                break
+            k = 1 if (crit is not None and ref is None) else min(s["n_jobs"], s["n_trials"] - len(counted()))
+            trials = [study.ask(space) for _ in range(k)]
+            returns.append(self._launch(trials, failures))
+            ref = self._reference_metrics()
+            if crit is not None and ref is None:
+                self._finish("FAILED")
+                raise SearchError(f"the dense reference trial failed, so no trial can be judged: "
+                                  f"{failures[-1] if failures else 'see the log'}")
+            self._log_bracket(final=False)
+            n_failed = sum(1 for t in counted() if t.state == TrialState.FAIL)
+            if n_failed > s["max_failure_rate"] * s["n_trials"]:
+                self._finish("FAILED")
+                raise SearchError(
+                    f"study {study.study_name} stopped: {n_failed} failed trials > search.max_failure_rate"
+                    f"={s['max_failure_rate']} x n_trials={s['n_trials']}:\n  " + "\n  ".join(failures))
+        else:
+            if crit is not None and self._converged():
+                stop_reason = f"bracket narrower than tol={s['tol']} (or no cliff in the range)"
+        log.info("study %s stopped: %s", study.study_name, stop_reason)
+        self._finish("FINISHED", stop_reason)
+        if failures:
+            log.warning("%d trial(s) failed (within search.max_failure_rate):\n  %s",
+                        len(failures), "\n  ".join(failures))
+        return returns
+
+    def _launch(self, trials: list[Any], failures: list[str]) -> Sequence[JobReturn]:
+        from robustsweep import sweep as sw
+        from robustsweep.config import ConfigError
+        from robustsweep.search import CONSTRAINTS_ATTR, ROLE_ATTR, is_safe
+
+        plan, study = self.plan, self.study
+        crit = plan["crit"]
+        jobs = [[*_job(plan["fixed"], t.params), f"++hydra.job.env_set.{sw.TRIAL_ENV}={t.number}"]
+                for t in trials]
+        try:
+            self._validate([j[:-1] for j in jobs])
+        except ConfigError as e:  # a sampled value the corner checks could not foresee
+            for t in trials:
+                t.set_user_attr("error", str(e)[:1000])
+                study.tell(t, state=_state("FAIL"))
+            failures.append(str(e))
+            return []
+        results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
+        order = sorted(zip(trials, results, strict=True),
+                       key=lambda tr: tr[0].user_attrs.get(ROLE_ATTR) != "reference")
+        for t, r in order:
+            desc = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+            metrics = r._return_value if r.status == JobStatus.COMPLETED else None
+            if not isinstance(metrics, dict):
+                err = r._return_value if r.status == JobStatus.FAILED else "the job returned no metrics"
+                kind = f"{type(err).__name__}: " if isinstance(err, BaseException) else ""
+                msg = f"trial {t.number} [{desc}]: {kind}{err}"
+                failures.append(msg)
+                t.set_user_attr("error", msg[:1000])
+                study.tell(t, state=_state("FAIL"))
+                log.warning("%s -> FAILED", msg)
+                continue
+            needed = [plan["s"]["objective"]] if plan["s"]["objective"] not in t.params else []
+            needed += list(crit.metrics) if crit else []
+            missing = [m for m in needed if m not in metrics]
+            if missing:
+                study.tell(t, state=_state("FAIL"))
+                self._finish("FAILED")
+                raise SearchError(f"the job returned no {', '.join(missing)} (it returned: "
+                                  f"{', '.join(sorted(metrics))}); check search.objective/criterion")
+            for k in ("asr", "robust_acc", "clean_acc", "n_correct", "n_eval", "sparsity_measured",
+                      "n_pred_classes"):
+                if k in metrics:
+                    t.set_user_attr(k, float(metrics[k]))
+            verdict = ""
+            if crit is not None:
+                if t.user_attrs.get(ROLE_ATTR) == "reference":
+                    study.set_user_attr("reference", {k: float(metrics[k]) for k in
+                                                      ("asr", "robust_acc", "clean_acc") if k in metrics})
+                cons = crit.constraints(metrics, study.user_attrs["reference"])
+                t.set_user_attr(CONSTRAINTS_ATTR, cons)
+                verdict = (f" -> {'safe' if is_safe(cons) else 'UNSAFE'} ({crit.metric} margin "
+                           f"{cons[0]:+.3f}, clean margin {cons[1]:+.3f})")
+            value = t.params[plan["s"]["objective"]] if plan["s"]["objective"] in t.params \
+                else metrics[plan["s"]["objective"]]
+            study.tell(t, float(value))
+            log.info("trial %d [%s]: %s%s", t.number, desc,
+                     " ".join(f"{k} {metrics[k]:.4f}" for k in ("clean_acc", "asr", "robust_acc")
+                              if k in metrics), verdict)
+        return results
+
+    # ------------------------------------------------------------------ results and parent
+    def _reference_metrics(self) -> dict[str, float] | None:
+        return self.study.user_attrs.get("reference") if self.plan["crit"] is not None else None
+
+    def _converged(self) -> bool:
+        from robustsweep.search import BisectionSampler
+
+        sampler, param = self.study.sampler, self.plan["param"]
+        d = self.plan["space"][param]
+        if isinstance(sampler, BisectionSampler):
+            return sampler.converged(self.study.get_trials(deepcopy=False), d.low, d.high)
+        return False
+
+    def _metrics(self) -> dict[str, float]:
+        from optuna.trial import TrialState
+
+        from robustsweep.search import brackets_by_group
+
+        trials = self.study.get_trials(deepcopy=False)
+        out = {"n_trials": float(len(trials)),
+               "n_complete": float(sum(t.state == TrialState.COMPLETE for t in trials)),
+               "n_failed": float(sum(t.state == TrialState.FAIL for t in trials))}
+        if self.plan["crit"] is None:
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            if done:
+                out["best_value"] = self.study.best_value
+            return out
+        groups = brackets_by_group(trials, self.plan["param"])
+        best = max(groups.values(), key=lambda b: -1.0 if math.isnan(b.low) else b.low)
+        out.update(best.as_metrics())
+        if len(groups) > 1:
+            for g, b in groups.items():
+                out.update(b.as_metrics("." + re.sub(r"[^\w.\- /]", "_", g)))
+        return out
+
+    def _log_bracket(self, final: bool) -> dict[str, float]:
+        import time
+
+        from mlflow.entities import Metric
+
+        m = self._metrics()
+        now = int(time.time() * 1000)
+        step = int(m["n_trials"])
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, step) for k, v in m.items()])
+        if "cliff_low" in m:
+            log.info("cliff bracket [%.4f, %.4f] (width %.4f) after %d trial(s)", m["cliff_low"],
+                     m["cliff_high"], m["cliff_width"], step)
+        return m
+
+    def _finish(self, status: str, reason: str = "") -> None:
+        """Final metrics, figure, trials.csv and cliff.json on the parent; close it."""
+        import matplotlib.pyplot as plt
+
+        from robustsweep.search import brackets_by_group, plot_cliff, trials_table
+
+        plan, study = self.plan, self.study
+        m = self._log_bracket(final=True)
+        trials = study.get_trials(deepcopy=False)
+        result: dict[str, Any] = {"study_name": study.study_name, "storage": plan["storage_desc"],
+                                  "stopped": reason or status, "metrics": m}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "search"
+            out.mkdir()
+            rows = trials_table(trials)
+            if rows:
+                keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+                with open(out / "trials.csv", "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=keys)
+                    w.writeheader()
+                    w.writerows(rows)
+            ref = self._reference_metrics()
+            if plan["crit"] is not None and ref is not None:
+                result["brackets"] = {g or plan["param"]: {"low": b.low, "high": b.high, "width": b.width}
+                                      for g, b in brackets_by_group(trials, plan["param"]).items()}
+                fig = plot_cliff(trials, plan["param"], plan["crit"], {**ref, plan["param"]:
+                                                                       plan["s"]["reference"]})
+                fig.savefig(out / "cliff.png", dpi=120)
+                plt.close(fig)
+            (out / "cliff.json").write_text(json.dumps(result, indent=2, default=str))
+            self.client.log_artifacts(self.parent, str(out), "search")
+            sweep_dir = Path(self.config.hydra.sweep.dir)
+            for name in ("cliff.json", "cliff.png", "trials.csv"):
+                if (out / name).exists():
+                    (sweep_dir / name).write_bytes((out / name).read_bytes())
+        self.client.set_terminated(self.parent, status)
+        log.info("study %s: results on MLflow parent run %s (search/cliff.png) and in %s",
+                 study.study_name, self.parent, self.config.hydra.sweep.dir)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _distribution(o: Override) -> Any:
+    """Hydra sweep syntax -> Optuna distribution; empty or inverted ranges are errors."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from robustsweep.config import ConfigError
+
+    key, v = o.get_key_element(), o.value()
+    if isinstance(v, IntervalSweep):
+        bad_tags = set(v.tags) - {"log"}
+        if bad_tags:
+            raise ConfigError(f"{key}: unknown tag(s) {sorted(bad_tags)}; allowed: tag(log, interval(a, b))")
+        if not v.start < v.end:
+            raise ConfigError(f"{key}=interval({v.start:g}, {v.end:g}) is empty or inverted; "
+                              f"allowed: interval(a, b) with a < b")
+        if "log" in v.tags and v.start <= 0:
+            raise ConfigError(f"{key}=tag(log, interval({v.start:g}, {v.end:g})): allowed: a > 0")
+        return FloatDistribution(float(v.start), float(v.end), log="log" in v.tags)
+    if isinstance(v, RangeSweep):
+        values = [x for x in o.sweep_iterator()]
+        if not values:
+            raise ConfigError(f"{key}=range({v.start:g}, {v.stop:g}, {v.step:g}) is empty; allowed: "
+                              f"range(start, stop[, step]) with values between start and stop (stop excluded)")
+        if v.shuffle:
+            return CategoricalDistribution(values)
+        if all(isinstance(x, int) for x in values):
+            return IntDistribution(values[0], values[-1], step=int(v.step))
+        return FloatDistribution(float(values[0]), float(values[-1]), step=float(v.step))
+    if isinstance(v, ChoiceSweep):
+        return CategoricalDistribution(list(o.sweep_string_iterator()))
+    raise ConfigError(f"{o.input_line}: not a search space; allowed: interval(a, b), range(a, b, step), "
+                      f"choice(a, b, ...), a,b,c, tag(log, interval(a, b))")
+
+
+def _describe(d: Any) -> str:
+    """A distribution in the grammar it was written in."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(d, CategoricalDistribution):
+        return f"choice({', '.join(map(str, d.choices))})"
+    body = f"range({d.low:g}, {d.high:g}, step {d.step:g})" if d.step else f"interval({d.low:g}, {d.high:g})"
+    return f"tag(log, {body})" if d.log else body
+
+
+def _values(d: Any) -> list[Any]:
+    """The values worth validating: range ends, every choice."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(d, CategoricalDistribution):
+        return list(d.choices)
+    return [d.low, d.high]
+
+
+def _job(fixed: list[str], params: dict[str, Any]) -> list[str]:
+    return [*fixed, *(f"{k}={_fmt(v)}" for k, v in params.items())]
+
+
+def _fmt(v: Any) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _state(name: str) -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState[name]
+
+
+def _redact(url: str) -> str:
+    """Hide a password in an RDB URL before it is logged or tagged."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def _default_study_name(plan: dict[str, Any]) -> str:
+    """cliff-<model>-<attack>-<8 hex>: the hash covers the fixed overrides (minus search.* and
+    hydra.*) and the search space, so the same command continues the same study."""
+    keep = sorted(f for f in plan["fixed"]
+                  if not f.lstrip("+~").startswith(("search", "hydra.", "tracking.resume")))
+    space = sorted(f"{k}={d!r}" for k, d in plan["space"].items())
+    h = hashlib.sha256(json.dumps([keep, space, plan["s"]["param"]]).encode()).hexdigest()[:8]
+    cfg = plan["ref_cfg"]
+    prefix = "cliff" if plan["crit"] is not None else "search"
+    return f"{prefix}-{cfg.model.name}-{cfg.attack.name}-{h}"

@@ -1,0 +1,399 @@
+"""The robustness cliff: its definition, a bisection sampler for Optuna, the study storage, the figure.
+
+Definitions (``search.*`` keys, documented in the README):
+
+* The *reference* is the dense model: the same data/model/attack/epsilon at ``search.param`` =
+  ``search.reference`` (sparsity 0). It is trial 0 of every study and is computed once.
+* A trial at sparsity ``s`` is **safe** when both *constraints* are <= 0 (Optuna's convention for
+  feasible)::
+
+      criterion=asr:        c1 = asr(s) - asr(0) - delta                 (ASR may rise by delta)
+      criterion=robust_acc: c1 = robust_acc(0) - robust_acc(s) - delta   (may fall by delta)
+      always:               c2 = clean_acc(0) - clean_acc(s) - delta_acc (clean may fall by delta_acc)
+
+  An ASR that cannot be measured (no correctly classified image: NaN) counts as unsafe.
+* The **cliff** is the boundary between safe and unsafe sparsities, reported as the bracket
+  ``[cliff_low, cliff_high]``: the largest sparsity judged safe and the smallest judged unsafe,
+  ``cliff_width = cliff_high - cliff_low`` and ``best_safe_sparsity = cliff_low``. "Judged" uses
+  a monotone (isotonic, pool-adjacent-violators) fit of the margin ``max(c1, c2)`` over all trials,
+  which is exactly the raw safe/unsafe label whenever the labels are already monotone in
+  sparsity; where they are not (measurement noise near the cliff), neighbouring trials are
+  averaged instead of letting one noisy point decide. Safe points above ``cliff_high`` are
+  counted in ``n_nonmonotone``.
+
+Everything here is plain Python + Optuna (no Hydra, no MLflow), so the unit tests drive it with
+synthetic objectives; ``hydra_plugins/robustsweep_optuna`` wires it to Hydra jobs and MLflow
+(and imports this module only when a search starts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers._base import _process_constraints_after_trial
+from optuna.trial import FrozenTrial, TrialState
+
+from robustsweep.config import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("asr", "robust_acc")
+SAMPLERS = ("bisection", "tpe", "gp", "random")
+CONSTRAINTS_ATTR = "constraints"  # user attr holding [c1, c2] of a trial
+ROLE_ATTR = "robustsweep.role"  # "reference" for trial 0
+INTERRUPTED_ATTR = "robustsweep.interrupted"
+SPEC_ATTR = "robustsweep.spec"  # study user attr: what the study optimises (checked on resume)
+UNMEASURABLE = 1.0  # constraint value for a NaN metric (e.g. ASR of a model correct on nothing)
+
+
+# ------------------------------------------------------------------------------- criterion
+@dataclass(frozen=True)
+class Criterion:
+    """When is a sparsity safe, relative to the dense reference."""
+
+    metric: str = "asr"  # asr | robust_acc
+    delta: float = 0.10  # allowed rise of ASR (or fall of robust accuracy), fraction 0..1
+    delta_acc: float = 0.05  # allowed fall of clean accuracy, fraction 0..1
+
+    def __post_init__(self) -> None:
+        if self.metric not in CRITERIA:
+            raise ConfigError(f"search.criterion={self.metric!r} is not valid; allowed: "
+                              f"{', '.join(CRITERIA)} (or null for a plain optimisation)")
+        for key, v in (("search.delta", self.delta), ("search.delta_acc", self.delta_acc)):
+            if not (isinstance(v, int | float) and 0 <= v <= 1):
+                raise ConfigError(f"{key}={v!r} is not valid; allowed: a number in [0, 1]")
+
+    def constraints(self, metrics: dict[str, float], ref: dict[str, float]) -> list[float]:
+        """[c1, c2]; both <= 0 means safe. NaN (unmeasurable) counts as unsafe."""
+        m, r = metrics[self.metric], ref[self.metric]
+        c1 = (m - r - self.delta) if self.metric == "asr" else (r - m - self.delta)
+        c2 = ref["clean_acc"] - metrics["clean_acc"] - self.delta_acc
+        return [UNMEASURABLE if math.isnan(c) else float(c) for c in (c1, c2)]
+
+    @property
+    def metrics(self) -> tuple[str, str]:
+        return (self.metric, "clean_acc")
+
+
+def is_safe(constraints: Sequence[float]) -> bool:
+    return all(c <= 0 for c in constraints)
+
+
+# --------------------------------------------------------------------------------- bracket
+def isotonic(y: Sequence[float], w: Sequence[float] | None = None) -> list[float]:
+    """Non-decreasing least-squares fit of ``y`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for yi, wi in zip(y, w or [1.0] * len(y), strict=True):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [b[0] for b in blocks for _ in range(int(b[2]))]
+
+
+@dataclass(frozen=True)
+class Bracket:
+    low: float  # largest sparsity judged safe (nan if none)
+    high: float  # smallest sparsity judged unsafe (nan if none: the cliff is above the range)
+    n_points: int
+    n_nonmonotone: int  # raw-safe points above `high` or raw-unsafe below `low`
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def as_metrics(self, suffix: str = "") -> dict[str, float]:
+        return {f"cliff_low{suffix}": self.low, f"cliff_high{suffix}": self.high,
+                f"cliff_width{suffix}": self.width, f"best_safe_sparsity{suffix}": self.low,
+                f"n_nonmonotone{suffix}": float(self.n_nonmonotone)}
+
+
+def bracket(points: Iterable[tuple[float, Sequence[float]]]) -> Bracket:
+    """Cliff bracket from (sparsity, constraints) pairs; see the module docstring."""
+    by_x: dict[float, list[float]] = {}
+    for x, cons in points:
+        by_x.setdefault(float(x), []).append(max(cons))
+    xs = sorted(by_x)
+    if not xs:
+        return Bracket(math.nan, math.nan, 0, 0)
+    margins = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    fit = isotonic(margins, [float(len(by_x[x])) for x in xs])
+    safe = [x for x, f in zip(xs, fit, strict=True) if f <= 0]
+    unsafe = [x for x, f in zip(xs, fit, strict=True) if f > 0]
+    low = max(safe) if safe else math.nan
+    high = min(unsafe) if unsafe else math.nan
+    odd = sum(1 for x, m in zip(xs, margins, strict=True)
+              if (m <= 0 and unsafe and x > high) or (m > 0 and safe and x < low))
+    return Bracket(low, high, sum(len(v) for v in by_x.values()), odd)
+
+
+def trial_points(trials: Iterable[FrozenTrial], param: str) -> list[tuple[float, list[float]]]:
+    """(param value, constraints) of the COMPLETE trials that have both."""
+    return [(t.params[param], t.user_attrs[CONSTRAINTS_ATTR]) for t in trials
+            if t.state == TrialState.COMPLETE and param in t.params
+            and CONSTRAINTS_ATTR in t.user_attrs]
+
+
+def group_key(params: dict[str, Any], param: str) -> str:
+    """Trials that differ only in ``param`` share a cliff: ``prune=global_l1 prune.finetune_epochs=1``."""
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != param)
+
+
+def brackets_by_group(trials: Iterable[FrozenTrial], param: str) -> dict[str, Bracket]:
+    """One bracket per combination of the other searched parameters ("" if there are none).
+
+    The reference trial (dense) is safe for every group, so it joins each of them.
+    """
+    done = [t for t in trials if t.state == TrialState.COMPLETE and CONSTRAINTS_ATTR in t.user_attrs]
+    ref = [t for t in done if t.user_attrs.get(ROLE_ATTR) == "reference"]
+    groups: dict[str, list[FrozenTrial]] = {}
+    for t in done:
+        if t.user_attrs.get(ROLE_ATTR) != "reference":
+            groups.setdefault(group_key(t.params, param), []).append(t)
+    if not groups:
+        groups[group_key(ref[0].params, param) if ref else ""] = []
+    return {g: bracket(trial_points([*ref, *ts], param)) for g, ts in sorted(groups.items())}
+
+
+# ------------------------------------------------------------------------- bisection sampler
+class BisectionSampler(optuna.samplers.BaseSampler):
+    """Bisection for the 1-D monotone case: the largest safe value of one float parameter.
+
+    Each new trial probes the midpoint of the current bracket (see ``bracket``): first the two
+    range ends, then halves, so a cliff in [0, 0.99] is located to width 0.01 in
+    2 + ceil(log2(0.99 / 0.01)) = 9 trials where a grid needs 100. Trials running in parallel
+    split the bracket further (midpoint of the largest gap between known and pending points), and
+    a value whose trial failed is not probed again. Parameters other than ``param`` are sampled
+    by ``RandomSampler``. Safety comes from ``constraints_func`` exactly as for Optuna's TPE/GP
+    samplers (feasible when every value <= 0); the objective value itself is not used.
+    """
+
+    def __init__(self, param: str, constraints_func: Callable[[FrozenTrial], Sequence[float]],
+                 tol: float = 0.01, seed: int | None = None) -> None:
+        self.param = param
+        self.tol = tol
+        self._constraints_func = constraints_func
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if param_name != self.param:
+            return self._random.sample_independent(study, trial, param_name, param_distribution)
+        d = param_distribution
+        if not isinstance(d, FloatDistribution) or d.log:
+            raise ConfigError(f"search.sampler=bisection needs {param_name} as interval(a, b) "
+                              f"(a linear float range); got {d}")
+        x = self.next_value(study.get_trials(deepcopy=False), d.low, d.high, exclude=trial.number)
+        if d.step:
+            x = d.low + round((x - d.low) / d.step) * d.step
+        return min(max(round(x, 6), d.low), d.high)  # 1e-6: far below any meaningful sparsity step
+
+    def next_value(self, trials: Sequence[FrozenTrial], low: float, high: float,
+                   exclude: int = -1) -> float:
+        """Where to probe next, given the trials so far (a pure function of them)."""
+        pts = [(t.params[self.param], list(self._constraints_func(t))) for t in trials
+               if t.state == TrialState.COMPLETE and self.param in t.params]
+        pending = [t.params[self.param] for t in trials
+                   if t.number != exclude and self.param in t.params and (
+                       t.state == TrialState.RUNNING
+                       or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR)))]
+        seen = {x for x, _ in pts} | set(pending)
+        # The range ends first: a safe low end anchors the bracket; an unsafe high end proves
+        # that there is a cliff inside the range.
+        for end in (low, high):
+            if end not in seen:
+                return end
+        b = bracket(pts)
+        lo = b.low if not math.isnan(b.low) else low
+        hi = b.high if not math.isnan(b.high) else high
+        if hi <= lo:  # the cliff is outside the range: nothing left to split
+            return hi
+        cuts = sorted({lo, hi, *(p for p in pending if lo < p < hi)})
+        gap, a = max((b2 - a2, a2) for a2, b2 in itertools.pairwise(cuts))
+        return a + gap / 2
+
+    def converged(self, trials: Sequence[FrozenTrial], low: float, high: float) -> bool:
+        """Bracket no wider than ``tol``, or no cliff in the range (high end safe / low end unsafe)."""
+        b = bracket(trial_points(trials, self.param))
+        if not math.isnan(b.low) and b.low >= high:
+            return True
+        if not math.isnan(b.high) and b.high <= low:
+            return True
+        return not math.isnan(b.width) and b.width <= self.tol + 1e-12
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        # Store the constraints where Optuna's own tools (best_trial, the dashboard) look.
+        if state == TrialState.COMPLETE:
+            _process_constraints_after_trial(self._constraints_func, study, trial, state)
+
+
+def constraints_from_attrs(trial: FrozenTrial) -> list[float]:
+    """The ``constraints_func`` the sweeper gives every sampler: constraints stored as a user attr."""
+    return list(trial.user_attrs.get(CONSTRAINTS_ATTR, [UNMEASURABLE]))
+
+
+def build_sampler(name: str, param: str | None, *, constrained: bool, tol: float,
+                  seed: int) -> optuna.samplers.BaseSampler:
+    """``bisection`` | ``tpe`` | ``gp`` | ``random``; the safety criterion is the constraint."""
+    cf = constraints_from_attrs if constrained else None
+    if name == "bisection":
+        if not constrained or param is None:
+            raise ConfigError("search.sampler=bisection needs search.criterion (asr or robust_acc) "
+                              "and search.param: it bisects safe/unsafe")
+        return BisectionSampler(param, constraints_from_attrs, tol=tol, seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=cf, n_startup_trials=5)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=cf, n_startup_trials=5)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"search.sampler={name!r} is not valid; allowed: {', '.join(SAMPLERS)}")
+
+
+# --------------------------------------------------------------------------------- storage
+def open_storage(url: str | None, default: Path) -> optuna.storages.BaseStorage:
+    """``None`` -> a JournalStorage file at ``default`` (safe with several worker processes);
+    ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` -> RDBStorage; any other string is a
+    journal file path (``journal:`` prefix optional). Raises ConfigError naming ``search.storage``."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    try:
+        if url and "://" in url and not url.startswith("journal:"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        path = Path(url.removeprefix("journal:")) if url else default
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as e:  # bad URL, missing driver, unreachable server, unwritable path
+        shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url) if url else url
+        raise ConfigError(
+            f"search.storage={shown!r} cannot be opened ({type(e).__name__}: {e}); allowed: null (= "
+            f"journal file {default}), a journal file path, or an RDB URL such as "
+            f"sqlite:///outputs/optuna.db or postgresql://user:pw@host/db") from e
+
+
+def check_spec(study: optuna.Study, spec: dict[str, Any]) -> None:
+    """Store ``spec`` on a new study; refuse to continue a study that optimises something else."""
+    old = study.user_attrs.get(SPEC_ATTR)
+    if old is None:
+        study.set_user_attr(SPEC_ATTR, json.loads(json.dumps(spec)))
+        return
+    spec = json.loads(json.dumps(spec))  # same normalisation as stored (tuples -> lists)
+    diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+    if diff:
+        raise ConfigError(
+            f"study {study.study_name!r} exists with a different objective: "
+            + "; ".join(f"{k}: stored {old.get(k)!r}, now {spec.get(k)!r}" for k in diff)
+            + ". Allowed: the same settings, or a new search.study_name=<name>")
+
+
+def fail_interrupted_trials(study: optuna.Study) -> int:
+    """Mark trials left RUNNING (or WAITING with params) by a killed process FAILED; return how many."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
+    if n:
+        log.warning("study %s: marked %d trial(s) left RUNNING by an interrupted process FAILED",
+                    study.study_name, n)
+    return n
+
+
+# ---------------------------------------------------------------------------------- figure
+def plot_cliff(trials: Sequence[FrozenTrial], param: str, crit: Criterion,
+               ref: dict[str, float]) -> Figure:
+    """Criterion metric and clean accuracy vs ``param`` for every trial, thresholds, brackets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE and CONSTRAINTS_ATTR in t.user_attrs]
+    brackets = brackets_by_group(done, param)
+    colours = dict(zip(brackets, plt.get_cmap("tab10").colors, strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    metric_names = {"asr": "attack success rate", "robust_acc": "robust accuracy",
+                    "clean_acc": "clean accuracy"}
+    thresholds = {crit.metric: ref[crit.metric] + (crit.delta if crit.metric == "asr" else -crit.delta),
+                  "clean_acc": ref["clean_acc"] - crit.delta_acc}
+    for ax, metric in zip(axes, crit.metrics, strict=True):
+        for g, b in brackets.items():
+            c = colours[g]
+            if not (math.isnan(b.low) or math.isnan(b.high)):
+                ax.axvspan(b.low, b.high, color=c, alpha=0.18, lw=0)
+            pts = [t for t in done if t.user_attrs.get(ROLE_ATTR) != "reference"
+                   and group_key(t.params, param) == g]
+            pts.sort(key=lambda t: t.params[param])
+            xs = [t.params[param] for t in pts]
+            ys = [t.user_attrs.get(metric, math.nan) for t in pts]
+            ax.plot(xs, ys, "-", color=c, alpha=0.35, lw=1)
+            safe = [is_safe(t.user_attrs[CONSTRAINTS_ATTR]) for t in pts]
+            ax.scatter([x for x, s in zip(xs, safe, strict=True) if s],
+                       [y for y, s in zip(ys, safe, strict=True) if s], color=c, s=28, zorder=3,
+                       label=f"{g or 'trials'}: safe" if metric == crit.metric else None)
+            ax.scatter([x for x, s in zip(xs, safe, strict=True) if not s],
+                       [y for y, s in zip(ys, safe, strict=True) if not s], color=c, marker="x",
+                       s=34, zorder=3, label=f"{g or 'trials'}: unsafe" if metric == crit.metric else None)
+            for t, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(3, 4),
+                            fontsize=6, color="0.35")
+        ax.scatter([ref.get(param, 0.0)], [ref[metric]], marker="*", s=140, color="black", zorder=4,
+                   label="dense reference" if metric == crit.metric else None)
+        ax.axhline(thresholds[metric], color="crimson", ls="--", lw=1,
+                   label=f"safe limit ({'+' if metric == 'asr' else '-'}"
+                         f"{crit.delta if metric == crit.metric else crit.delta_acc:g})")
+        ax.set_xlabel(f"{param} (fraction of weights zeroed)")
+        ax.set_ylabel(metric_names[metric])
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=7, loc="lower left")
+    title = "; ".join(f"{g or param}: cliff in [{b.low:.4f}, {b.high:.4f}]" for g, b in brackets.items())
+    fig.suptitle(f"robustness cliff ({crit.metric} +{crit.delta:g}, clean -{crit.delta_acc:g}; "
+                 f"shaded = bracket)\n{title}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def trials_table(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """One row per trial (all states), for trials.csv."""
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
+                               "role": t.user_attrs.get(ROLE_ATTR, "trial")}
+        row.update({f"param.{k}": v for k, v in t.params.items()})
+        row.update({k: v for k, v in t.user_attrs.items()
+                    if k not in (CONSTRAINTS_ATTR, ROLE_ATTR) and not isinstance(v, dict | list)})
+        cons = t.user_attrs.get(CONSTRAINTS_ATTR)
+        if cons is not None:
+            row.update({"c_metric": cons[0], "c_clean": cons[1], "safe": is_safe(cons)})
+        rows.append(row)
+    return rows
+
+
+def bracket_dict(b: Bracket) -> dict[str, float]:
+    return {**asdict(b), "width": b.width}
