@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -67,14 +68,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     experiment_id = tracking.setup(cfg)
     client = mlflow.MlflowClient()
     cid = sweep.cell_id(cfg)
-    if cfg.tracking.get("resume", True):
-        done = sweep.finished_cells(client, experiment_id, [cid])
-        if done:
-            log.info("cell %s already FINISHED in run %s: skipped (tracking.resume=false re-runs it)",
-                     cid, done[cid])
-            return dict(client.get_run(done[cid]).data.metrics)
-    sweep.fail_stale_runs(client, experiment_id, cid)
-
     tags = {sweep.CELL_TAG: cid, sweep.ROLE_TAG: "cell", **tracking.hydra_tags()}
     parent = sweep.parent_run_id()
     if parent and "hydra.sweep.dir" in tags:  # a single run has no parent
@@ -82,6 +75,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if os.environ.get(sweep.TRIAL_ENV):  # a trial of an Optuna study
             tags["optuna.trial_number"] = os.environ[sweep.TRIAL_ENV]
             tags["optuna.study_name"] = os.environ.get(sweep.STUDY_ENV, "")
+    if cfg.tracking.get("resume", True):
+        done = sweep.finished_cells(client, experiment_id, [cid])
+        if done:
+            log.info("cell %s already FINISHED in run %s: skipped (tracking.resume=false re-runs it)",
+                     cid, done[cid])
+            prev = client.get_run(done[cid])
+            if "optuna.trial_number" in tags and prev.data.tags.get("mlflow.parentRunId") != parent:
+                _reuse_as_child(client, experiment_id, prev, tags, cfg)
+            return dict(prev.data.metrics)
+    sweep.fail_stale_runs(client, experiment_id, cid)
     t_mlflow = time.perf_counter()
     active = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)
     mlflow_s = time.perf_counter() - t_mlflow
@@ -105,6 +108,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
         client.log_metric(active.info.run_id, "mlflow_s", mlflow_s, now)
     metrics["mlflow_s"] = mlflow_s
     return metrics
+
+
+def _reuse_as_child(client: Any, experiment_id: str, prev: Any, tags: dict[str, str],
+                    cfg: DictConfig) -> None:
+    """A study trial whose cell another sweep already computed: a FINISHED child run under the
+    study's parent with the stored metrics and a pointer to the original, so that every trial
+    is a child run without computing anything twice."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, run_name=tracking.run_name(cfg),
+                            tags={**tags, "robustsweep.reused_from": prev.info.run_id})
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id,
+                     metrics=[Metric(k, v, now, 0) for k, v in prev.data.metrics.items()],
+                     params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()])
+    client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, float], str]:

@@ -243,7 +243,7 @@ class OptunaSweeperImpl(Sweeper):
             client, experiment_id, sw.sweep_id([study.study_name, plan["storage_desc"]], "optuna"),
             name=f"study {study.study_name}"[:250], role="study",
             tags={"optuna.study_name": study.study_name, "optuna.storage": plan["storage_desc"],
-                  "optuna.sampler": s["sampler"], "hydra.sweep.dir": str(sweep_dir),
+                  "optuna.sampler": s["sampler"], "hydra.sweep.dir": str(sweep_dir.resolve()),
                   "hydra.overrides": " ".join(self.config.hydra.overrides.task),
                   "robustsweep.search": json.dumps({k: v for k, v in s.items() if k != "storage"})})
         os.environ[sw.PARENT_ENV] = parent

@@ -1,0 +1,146 @@
+"""``-m search=cliff`` through the real command line: the study, its MLflow parent, resume, refusal,
+SIGKILL + relaunch, and bad input rejected before any trial runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from robustsweep.search import INTERRUPTED_ATTR
+from robustsweep.sweep import ROLE_TAG
+from tests.test_cli import cli
+
+pytestmark = pytest.mark.slow
+SEARCH = ["-m", "experiment=quickstart", "search=cliff", "train.epochs=8", "attribution.n_images=2",
+          "attribution.n_steps=16"]
+
+
+def _study(root: Path) -> optuna.Study:
+    storage = JournalStorage(JournalFileBackend(str(root / "outputs" / "optuna" / "journal.log")))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def _runs(root: Path, role: str) -> list:
+    c = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
+    exp = c.get_experiment_by_name("robustsweep").experiment_id
+    return c.search_runs([exp], f"tags.`{ROLE_TAG}` = '{role}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    p = cli(root, *SEARCH)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return root
+
+
+def test_cliff_search_is_a_study_with_a_parent_run_and_trial_children(searched):
+    study = _study(searched)
+    trials = study.trials
+    assert 3 <= len(trials) <= 10 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[0].params["sparsity"] == 0.0 and trials[0].user_attrs["robustsweep.role"] == "reference"
+    (parent,) = _runs(searched, "study")
+    m = parent.data.metrics
+    assert parent.info.status == "FINISHED"
+    assert m["cliff_width"] == pytest.approx(m["cliff_high"] - m["cliff_low"])
+    assert m["cliff_width"] <= 0.01 and m["best_safe_sparsity"] == m["cliff_low"]
+    assert parent.data.tags["optuna.study_name"] == study.study_name
+    children = _runs(searched, "cell")
+    assert len(children) == len(trials)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == list(range(len(trials)))
+    # the parent's bracket is what the trials say: highest safe below the lowest unsafe
+    safe = [t.params["sparsity"] for t in trials if max(t.user_attrs["constraints"]) <= 0]
+    unsafe = [t.params["sparsity"] for t in trials if max(t.user_attrs["constraints"]) > 0]
+    assert m["cliff_low"] == max(safe) and m["cliff_high"] == min(unsafe)
+    c = MlflowClient(f"sqlite:///{searched}/outputs/mlflow.db")
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/cliff.png", "search/trials.csv", "search/cliff.json"} <= arts
+    sweep_dir = Path(parent.data.tags["hydra.sweep.dir"])
+    result = json.loads((sweep_dir / "cliff.json").read_text())
+    assert result["metrics"]["cliff_low"] == m["cliff_low"]
+
+
+def test_relaunch_continues_the_study_and_a_changed_objective_is_refused(searched):
+    n_before = len(_study(searched).trials)
+    (parent,) = _runs(searched, "study")
+    p = cli(searched, *SEARCH)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "continuing study" in p.stdout + p.stderr
+    assert len(_study(searched).trials) == n_before  # already converged: nothing new to run
+    assert [r.info.run_id for r in _runs(searched, "study")] == [parent.info.run_id]
+
+    p = cli(searched, *SEARCH, "search.delta=0.2", f"search.study_name={_study(searched).study_name}")
+    assert p.returncode != 0
+    assert "exists with a different objective" in p.stdout + p.stderr
+    assert "delta: stored 0.1, now 0.2" in p.stdout + p.stderr
+    assert len(_study(searched).trials) == n_before
+
+
+def test_sigkill_mid_search_then_relaunch_continues_from_the_stored_trials(tmp_path):
+    args = [sys.executable, "-m", "robustsweep", *SEARCH, "attribution=none", "attack=pgd",
+            "attack.steps=300"]  # slow trials, so the kill lands mid-study
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(tmp_path.glob("outputs/multiruns/*/*/3")):
+            time.sleep(0.2)
+        time.sleep(0.5)  # trial 3 is under way; trials 0-2 are told
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed = _study(tmp_path).trials
+    n_told = sum(t.state == TrialState.COMPLETE for t in killed)
+    assert n_told >= 3 and any(t.state == TrialState.RUNNING for t in killed)
+
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "marked 1 trial(s) left RUNNING" in out and f"{n_told} finished trial(s) count" in out
+    trials = _study(tmp_path).trials
+    interrupted = [t for t in trials if t.user_attrs.get(INTERRUPTED_ATTR)]
+    assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
+    # the stored trials were kept, not re-run: same parameters, same results
+    for old in killed[:n_told]:
+        assert trials[old.number].params == old.params and trials[old.number].values == old.values
+    # the interrupted value was probed again, and the study converged
+    assert any(t.params == interrupted[0].params and t.state == TrialState.COMPLETE for t in trials)
+    (parent,) = _runs(tmp_path, "study")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["cliff_width"] <= 0.01
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in _runs(tmp_path, "cell"))
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["sparsity=interval(0.9,0.1)"], "sparsity=interval(0.9, 0.1) is empty or inverted"),
+    (["sparsity=interval(0,1.5)"], "sparsity=1.5 is not valid; allowed: a float in [0, 1)"),
+    (["search.sampler=cmaes"], "expected one of [bisection, tpe, gp, random]"),
+    (["search.storage=postgresql://u:secret@localhost:1/db"], "search.storage='postgresql://u:***@"),
+    (["search.objective=accuracy"], "search.objective='accuracy' is neither a searched key"),
+    (["search.criterion=accuracy"], "expected one of [asr, robust_acc]"),
+    (["prune=l1_unstructured,global_l1"], "search.sampler=bisection searches one linear float key"),
+    (["search.sampler=tpe", "epsilon=0.05,0.1"], "searching epsilon would change the dense reference"),
+    (["search.n_trials=0"], "search.n_trials=0 is not valid"),
+])
+def test_bad_search_input_fails_before_any_trial(tmp_path, args, fragment):
+    p = cli(tmp_path, *SEARCH, *args)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert fragment in out, out[-2000:]
+    assert "secret" not in out
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    assert not (tmp_path / "outputs" / "multiruns").exists() or not list(
+        (tmp_path / "outputs" / "multiruns").glob("*/*/0"))  # no job ran
