@@ -335,46 +335,88 @@ def plot_cliff(trials: Sequence[FrozenTrial], param: str, crit: Criterion,
     done = [t for t in trials if t.state == TrialState.COMPLETE and CONSTRAINTS_ATTR in t.user_attrs]
     brackets = brackets_by_group(done, param)
     colours = dict(zip(brackets, plt.get_cmap("tab10").colors, strict=False))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    finite = [b for b in brackets.values() if not (math.isnan(b.low) or math.isnan(b.high))]
+    multi = len(brackets) > 1
+    # Bottom row: one group -> a zoom on its bracket, where bisection's last trials crowd together;
+    # several groups (e.g. pruning methods) -> their brackets side by side, the answer to "which
+    # one reaches the highest safe sparsity".
+    zoom = (min(b.low for b in finite) - 0.05, max(b.high for b in finite) + 0.05) if finite else None
+    fig = plt.figure(figsize=(12, 8.4 if (zoom or multi) else 4.6))
+    gs = fig.add_gridspec(2 if (zoom or multi) else 1, 2,
+                          height_ratios=[3, max(1.2, 0.45 * len(brackets))] if multi else None)
+    top = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])]
+    rows: list[tuple[list[Any], tuple[float, float] | None]] = [(top, None)]
+    if zoom and not multi:
+        rows.append(([fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[1, 1])], zoom))
     metric_names = {"asr": "attack success rate", "robust_acc": "robust accuracy",
                     "clean_acc": "clean accuracy"}
     thresholds = {crit.metric: ref[crit.metric] + (crit.delta if crit.metric == "asr" else -crit.delta),
                   "clean_acc": ref["clean_acc"] - crit.delta_acc}
-    for ax, metric in zip(axes, crit.metrics, strict=True):
-        for g, b in brackets.items():
-            c = colours[g]
-            if not (math.isnan(b.low) or math.isnan(b.high)):
-                ax.axvspan(b.low, b.high, color=c, alpha=0.18, lw=0)
-            pts = [t for t in done if t.user_attrs.get(ROLE_ATTR) != "reference"
-                   and group_key(t.params, param) == g]
-            pts.sort(key=lambda t: t.params[param])
-            xs = [t.params[param] for t in pts]
-            ys = [t.user_attrs.get(metric, math.nan) for t in pts]
-            ax.plot(xs, ys, "-", color=c, alpha=0.35, lw=1)
-            safe = [is_safe(t.user_attrs[CONSTRAINTS_ATTR]) for t in pts]
-            ax.scatter([x for x, s in zip(xs, safe, strict=True) if s],
-                       [y for y, s in zip(ys, safe, strict=True) if s], color=c, s=28, zorder=3,
-                       label=f"{g or 'trials'}: safe" if metric == crit.metric else None)
-            ax.scatter([x for x, s in zip(xs, safe, strict=True) if not s],
-                       [y for y, s in zip(ys, safe, strict=True) if not s], color=c, marker="x",
-                       s=34, zorder=3, label=f"{g or 'trials'}: unsafe" if metric == crit.metric else None)
-            for t, x, y in zip(pts, xs, ys, strict=True):
-                ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(3, 4),
-                            fontsize=6, color="0.35")
-        ax.scatter([ref.get(param, 0.0)], [ref[metric]], marker="*", s=140, color="black", zorder=4,
-                   label="dense reference" if metric == crit.metric else None)
-        ax.axhline(thresholds[metric], color="crimson", ls="--", lw=1,
-                   label=f"safe limit ({'+' if metric == 'asr' else '-'}"
-                         f"{crit.delta if metric == crit.metric else crit.delta_acc:g})")
-        ax.set_xlabel(f"{param} (fraction of weights zeroed)")
-        ax.set_ylabel(metric_names[metric])
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=7, loc="lower left")
-    title = "; ".join(f"{g or param}: cliff in [{b.low:.4f}, {b.high:.4f}]" for g, b in brackets.items())
-    fig.suptitle(f"robustness cliff ({crit.metric} +{crit.delta:g}, clean -{crit.delta_acc:g}; "
-                 f"shaded = bracket)\n{title}", fontsize=9)
+    for row, (axes, window) in enumerate(rows):
+        for ax, metric in zip(axes, crit.metrics, strict=True):
+            shown: list[float] = []
+            for g, b in brackets.items():
+                c = colours[g]
+                if not multi and not (math.isnan(b.low) or math.isnan(b.high)):
+                    ax.axvspan(b.low, b.high, color=c, alpha=0.25, lw=0)
+                pts = [t for t in done if t.user_attrs.get(ROLE_ATTR) != "reference"
+                       and group_key(t.params, param) == g]
+                pts.sort(key=lambda t: t.params[param])
+                xs = [t.params[param] for t in pts]
+                ys = [t.user_attrs.get(metric, math.nan) for t in pts]
+                shown += [y for x, y in zip(xs, ys, strict=True)
+                          if window is None or window[0] <= x <= window[1]]
+                ax.plot(xs, ys, "-", color=c, alpha=0.35, lw=1)
+                safe = [is_safe(t.user_attrs[CONSTRAINTS_ATTR]) for t in pts]
+                lab = metric == crit.metric and row == 0
+                ax.scatter([x for x, s in zip(xs, safe, strict=True) if s],
+                           [y for y, s in zip(ys, safe, strict=True) if s], color=c, s=28, zorder=3,
+                           label=(g if multi else "safe") if lab else None)
+                ax.scatter([x for x, s in zip(xs, safe, strict=True) if not s],
+                           [y for y, s in zip(ys, safe, strict=True) if not s], color=c, marker="x",
+                           s=34, zorder=3, label="unsafe" if lab and not multi else None)
+                for t, x, y in zip(pts, xs, ys, strict=True):
+                    if window is None or window[0] <= x <= window[1]:
+                        ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(3, 4),
+                                    fontsize=6, color="0.35")
+            ax.scatter([ref.get(param, 0.0)], [ref[metric]], marker="*", s=140, color="black", zorder=4,
+                       label="dense reference" if metric == crit.metric and row == 0 else None)
+            ax.axhline(thresholds[metric], color="crimson", ls="--", lw=1,
+                       label=f"safe limit ({'+' if metric == 'asr' else '-'}"
+                             f"{crit.delta if metric == crit.metric else crit.delta_acc:g})")
+            ax.set_ylabel(metric_names[metric])
+            ax.grid(alpha=0.3)
+            if window is None:
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_xlabel(f"{param} (fraction of weights zeroed)"
+                              + ("; o safe, x unsafe" if multi else ""))
+            else:
+                ax.set_xlim(*window)
+                ys_ = [y for y in [*shown, thresholds[metric]] if not math.isnan(y)]
+                ax.set_ylim(min(ys_) - 0.03, max(ys_) + 0.03)
+                ax.set_xlabel(f"{param}, zoomed on the bracket")
+    top[0].legend(fontsize=7, loc="best")
+    top[1].legend(handles=top[1].get_lines()[-1:], fontsize=7, loc="lower left")
+    if multi:
+        ax = fig.add_subplot(gs[1, :])
+        names = list(brackets)
+        for i, g in enumerate(names):
+            b = brackets[g]
+            hi = b.high if not math.isnan(b.high) else 1.0
+            lo = b.low if not math.isnan(b.low) else 0.0
+            ax.barh(i, hi - lo, left=lo, color=colours[g], alpha=0.6, height=0.6)
+            ax.text(hi + 0.01, i, f"safe up to {b.low:.3f}, unsafe from {b.high:.3f}", va="center",
+                    fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlim(0, 1.25)
+        ax.set_xlabel(f"cliff bracket in {param} (bar = [largest safe, smallest unsafe])")
+        ax.grid(alpha=0.3, axis="x")
+        best = max(brackets, key=lambda g: -1.0 if math.isnan(brackets[g].low) else brackets[g].low)
+        title = f"highest safe {param}: {brackets[best].low:.4f} with {best}"
+    else:
+        title = "; ".join(f"{g or param}: cliff in [{b.low:.4f}, {b.high:.4f}]" for g, b in brackets.items())
+    fig.suptitle(f"robustness cliff ({crit.metric} +{crit.delta:g}, clean -{crit.delta_acc:g} vs the "
+                 f"dense reference)\n{title}", fontsize=9)
     fig.tight_layout()
     return fig
 

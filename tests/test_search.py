@@ -222,4 +222,4 @@ def test_tpe_with_the_safety_constraint_finds_the_method_with_the_later_cliff():
     assert groups["prune=a"].contains(0.4) and groups["prune=b"].contains(0.7)
     assert study.best_trial.params["prune"] == "b"  # Optuna's feasibility-aware best agrees
     fig = plot_cliff(study.trials, "sparsity", crit, {**REF, "sparsity": 0.0})
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3  # two metrics + the brackets of both methods

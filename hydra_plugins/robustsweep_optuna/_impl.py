@@ -317,7 +317,8 @@ class OptunaSweeperImpl(Sweeper):
         order = sorted(zip(trials, results, strict=True),
                        key=lambda tr: tr[0].user_attrs.get(ROLE_ATTR) != "reference")
         for t, r in order:
-            desc = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+            desc = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in t.params.items())
             metrics = r._return_value if r.status == JobStatus.COMPLETED else None
             if not isinstance(metrics, dict):
                 err = r._return_value if r.status == JobStatus.FAILED else "the job returned no metrics"
