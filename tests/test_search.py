@@ -82,6 +82,18 @@ def test_bisection_brackets_a_known_cliff_to_0_01_within_10_trials():
     assert all(t.system_attrs.get("constraints") is not None for t in study.trials)
 
 
+@pytest.mark.parametrize("cliff", [0.0137, 0.25, 0.6137, 0.98])
+def test_bisection_needs_9_trials_wherever_the_cliff_is(cliff):
+    """2 range ends + ceil(log2(0.99 / 0.01)) = 7 halvings, independent of where the cliff lies."""
+
+    def obj(s: float) -> dict[str, float]:
+        return {"asr": 0.30 + (0.35 if s > cliff else 0.0), "clean_acc": 0.9, "robust_acc": 0.6}
+
+    study = search(obj, bisection(), n_trials=20)
+    b = bracket(trial_points(study.trials, "sparsity"))
+    assert len(study.trials) == 9 and b.contains(cliff) and b.width <= 0.01, (len(study.trials), b)
+
+
 def test_random_sampler_with_the_same_budget_does_not_get_there():
     """The budget claim is not trivial: 10 random probes leave a much wider bracket."""
     widths = []

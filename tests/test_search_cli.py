@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -144,3 +145,69 @@ def test_bad_search_input_fails_before_any_trial(tmp_path, args, fragment):
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
     assert not (tmp_path / "outputs" / "multiruns").exists() or not list(
         (tmp_path / "outputs" / "multiruns").glob("*/*/0"))  # no job ran
+
+
+# ---- in-process: the real CLI and sweeper, with the job replaced by a synthetic objective --------
+def fake_job(fail: Callable[[float], bool] = lambda s: False, drop: str | None = None):
+    """A stand-in for robustsweep.pipeline.run: ASR jumps at 0.6137; raises where ``fail(s)``."""
+
+    def run(cfg):
+        s = float(cfg.sparsity)
+        if fail(s):
+            raise RuntimeError(f"injected failure at sparsity {s}")
+        m = {"asr": 0.3 + (0.35 if s > 0.6137 else 0.0), "clean_acc": 0.9, "robust_acc": 0.6}
+        m.pop(drop, None)
+        return m
+
+    return run
+
+
+def run_cli(monkeypatch, tmp_path: Path, job, *args: str) -> int:
+    """``python -m robustsweep -m experiment=quickstart search=cliff ...`` in this process."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    import robustsweep.__main__ as cli_main
+    import robustsweep.pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(robustsweep.pipeline, "run", job)
+    monkeypatch.setattr(sys, "argv", ["robustsweep", "-m", "experiment=quickstart", "search=cliff",
+                                      "hydra/job_logging=none", *args])
+    try:
+        cli_main.main()
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_a_failed_trial_is_recorded_and_the_search_goes_around_it(monkeypatch, tmp_path):
+    rc = run_cli(monkeypatch, tmp_path, fake_job(fail=lambda s: 0.45 < s < 0.55))
+    assert rc == 0
+    trials = _study(tmp_path).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "injected failure" in failed[0].user_attrs["error"]
+    assert sum(t.params["sparsity"] == failed[0].params["sparsity"] for t in trials) == 1  # not re-probed
+    (parent,) = _runs(tmp_path, "study")
+    m = parent.data.metrics
+    assert m["cliff_low"] <= 0.6137 <= m["cliff_high"] and m["cliff_width"] <= 0.01
+    assert m["n_failed"] == 1
+
+
+def test_too_many_failed_trials_stop_the_study(monkeypatch, tmp_path):
+    rc = run_cli(monkeypatch, tmp_path, fake_job(fail=lambda s: s > 0), "search.n_trials=8",
+                 "search.max_failure_rate=0.25")
+    assert rc != 0
+    trials = _study(tmp_path).trials
+    assert sum(t.state == TrialState.FAIL for t in trials) == 3  # 3 > 0.25 x 8: stop
+    assert len(trials) == 4  # the reference + 3 failures, then nothing more
+    (parent,) = _runs(tmp_path, "study")
+    assert parent.info.status == "FAILED"
+
+
+def test_a_criterion_metric_the_job_does_not_return_stops_before_any_other_trial(monkeypatch, tmp_path):
+    rc = run_cli(monkeypatch, tmp_path, fake_job(drop="asr"))
+    assert rc != 0
+    trials = _study(tmp_path).trials
+    assert len(trials) == 1  # only the reference ran
