@@ -246,9 +246,21 @@ class BisectionSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        # Store the constraints where Optuna's own tools (best_trial, the dashboard) look.
-        if state == TrialState.COMPLETE:
+        # Older Optuna: store the constraints where its own tools (best_trial, the dashboard) look.
+        if state == TrialState.COMPLETE and not NATIVE_CONSTRAINTS:
             _process_constraints_after_trial(self._constraints_func, study, trial, state)
+
+
+# Optuna >= 5 takes constraints per trial (Trial.set_constraint) and deprecates constraints_func.
+NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def record_constraints(trial: optuna.trial.Trial, constraints: Sequence[float], crit: Criterion) -> None:
+    """Attach a trial's safety margins where every sampler (and optuna-dashboard) reads them."""
+    trial.set_user_attr(CONSTRAINTS_ATTR, list(constraints))
+    if NATIVE_CONSTRAINTS:
+        for name, value in zip((crit.metric, "clean_acc"), constraints, strict=True):
+            trial.set_constraint(name, value)
 
 
 def constraints_from_attrs(trial: FrozenTrial) -> list[float]:
@@ -259,7 +271,8 @@ def constraints_from_attrs(trial: FrozenTrial) -> list[float]:
 def build_sampler(name: str, param: str | None, *, constrained: bool, tol: float,
                   seed: int) -> optuna.samplers.BaseSampler:
     """``bisection`` | ``tpe`` | ``gp`` | ``random``; the safety criterion is the constraint."""
-    cf = constraints_from_attrs if constrained else None
+    # Older Optuna: the samplers read the margins through constraints_func instead.
+    cf = constraints_from_attrs if constrained and not NATIVE_CONSTRAINTS else None
     if name == "bisection":
         if not constrained or param is None:
             raise ConfigError("search.sampler=bisection needs search.criterion (asr or robust_acc) "

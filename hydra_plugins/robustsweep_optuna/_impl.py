@@ -299,7 +299,7 @@ class OptunaSweeperImpl(Sweeper):
     def _launch(self, trials: list[Any], failures: list[str]) -> Sequence[JobReturn]:
         from robustsweep import sweep as sw
         from robustsweep.config import ConfigError
-        from robustsweep.search import CONSTRAINTS_ATTR, ROLE_ATTR, is_safe
+        from robustsweep.search import ROLE_ATTR, is_safe, record_constraints
 
         plan, study = self.plan, self.study
         crit = plan["crit"]
@@ -347,7 +347,7 @@ class OptunaSweeperImpl(Sweeper):
                     study.set_user_attr("reference", {k: float(metrics[k]) for k in
                                                       ("asr", "robust_acc", "clean_acc") if k in metrics})
                 cons = crit.constraints(metrics, study.user_attrs["reference"])
-                t.set_user_attr(CONSTRAINTS_ATTR, cons)
+                record_constraints(t, cons, crit)
                 verdict = (f" -> {'safe' if is_safe(cons) else 'UNSAFE'} ({crit.metric} margin "
                            f"{cons[0]:+.3f}, clean margin {cons[1]:+.3f})")
             value = t.params[plan["s"]["objective"]] if plan["s"]["objective"] in t.params \
