@@ -55,7 +55,7 @@ def _artifact_dir() -> Iterator[Path]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one (model, prune, sparsity, attack, eps) cell and log it as one MLflow run."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     t_start = time.perf_counter()
     cfg = validate(cfg)
@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         client.log_batch(
             active.info.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-            params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()],
+            params=tracking.param_entities(cfg),
             tags=[RunTag("robustsweep.baseline", baseline_source)])
         mlflow.log_artifacts(str(job_dir / "mlflow"))
         mlflow_s += time.perf_counter() - t_mlflow
@@ -115,14 +115,14 @@ def _reuse_as_child(client: Any, experiment_id: str, prev: Any, tags: dict[str, 
     """A study trial whose cell another sweep already computed: a FINISHED child run under the
     study's parent with the stored metrics and a pointer to the original, so that every trial
     is a child run without computing anything twice."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     run = client.create_run(experiment_id, run_name=tracking.run_name(cfg),
                             tags={**tags, "robustsweep.reused_from": prev.info.run_id})
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id,
                      metrics=[Metric(k, v, now, 0) for k, v in prev.data.metrics.items()],
-                     params=[Param(k, v[:6000]) for k, v in tracking.params_of(cfg).items()])
+                     params=tracking.param_entities(cfg))
     client.set_terminated(run.info.run_id, "FINISHED")
 
 

@@ -34,7 +34,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +44,16 @@ from optuna.samplers._base import _process_constraints_after_trial
 from optuna.trial import FrozenTrial, TrialState
 
 from robustsweep.config import ConfigError
+from robustsweep.config import Criterion as _CriterionName
+from robustsweep.config import Sampler as _SamplerName
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("asr", "robust_acc")
-SAMPLERS = ("bisection", "tpe", "gp", "random")
+CRITERIA = tuple(c.value for c in _CriterionName)  # the schema's enums: one list of names
+SAMPLERS = tuple(c.value for c in _SamplerName)
 CONSTRAINTS_ATTR = "constraints"  # user attr holding [c1, c2] of a trial
 ROLE_ATTR = "robustsweep.role"  # "reference" for trial 0
 INTERRUPTED_ATTR = "robustsweep.interrupted"
@@ -301,11 +303,16 @@ def open_storage(url: str | None, default: Path) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as e:  # bad URL, missing driver, unreachable server, unwritable path
-        shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url) if url else url
+        shown = redact_url(url) if url else url
         raise ConfigError(
             f"search.storage={shown!r} cannot be opened ({type(e).__name__}: {e}); allowed: null (= "
             f"journal file {default}), a journal file path, or an RDB URL such as "
             f"sqlite:///outputs/optuna.db or postgresql://user:pw@host/db") from e
+
+
+def redact_url(url: str) -> str:
+    """Hide a password in an RDB URL before it is logged, tagged or shown in an error."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def check_spec(study: optuna.Study, spec: dict[str, Any]) -> None:
@@ -448,7 +455,3 @@ def trials_table(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
             row.update({"c_metric": cons[0], "c_clean": cons[1], "safe": is_safe(cons)})
         rows.append(row)
     return rows
-
-
-def bracket_dict(b: Bracket) -> dict[str, float]:
-    return {**asdict(b), "width": b.width}

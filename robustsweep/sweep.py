@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -76,6 +76,24 @@ def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
     if stale:
         log.warning("cell %s: marked %d stale RUNNING run(s) FAILED", cid, len(stale))
     return len(stale)
+
+
+def compose_and_validate(config_loader: Any, master_config: DictConfig,
+                         jobs: Iterable[Sequence[str]]) -> tuple[list[DictConfig], list[str]]:
+    """Compose each job's config as Hydra's launcher will and run ``config.validate`` on it.
+
+    Returns the validated configs and one ``job [overrides]: message`` line per invalid job, so a
+    sweeper can refuse the whole sweep before the first job starts."""
+    from robustsweep.config import ConfigError, validate
+
+    cfgs, errors = [], []
+    for overrides in jobs:
+        cfg = config_loader.load_sweep_config(master_config=master_config, sweep_overrides=list(overrides))
+        try:
+            cfgs.append(validate(cfg))
+        except ConfigError as e:
+            errors.append(f"job [{' '.join(overrides)}]: {e}")
+    return cfgs, errors
 
 
 def parent_run_id() -> str | None:

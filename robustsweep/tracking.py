@@ -96,6 +96,13 @@ def params_of(cfg: DictConfig) -> dict[str, str]:
     return {k: str(v) for k, v in flatten(container).items()}
 
 
+def param_entities(cfg: DictConfig) -> list[Any]:
+    """``params_of`` as MLflow ``Param``s for ``log_batch`` (values cut to MLflow's 6000 chars)."""
+    from mlflow.entities import Param
+
+    return [Param(k, v[:6000]) for k, v in params_of(cfg).items()]
+
+
 def run_name(cfg: DictConfig) -> str:
     eps255 = cfg.epsilon * 255
     return (f"{cfg.model.name}-{cfg.prune.method}-s{cfg.sparsity:.2f}-"

@@ -82,7 +82,7 @@ class OptunaSweeperImpl(Sweeper):
     def _plan(self, arguments: list[str]) -> dict[str, Any]:
         from robustsweep.config import ConfigError
         from robustsweep.pipeline import RETURNED_METRICS
-        from robustsweep.search import SAMPLERS, Criterion
+        from robustsweep.search import Criterion
 
         assert self.config is not None and self.hydra_context is not None
         s = self.config.get("search")
@@ -94,8 +94,7 @@ class OptunaSweeperImpl(Sweeper):
                 ("n_trials", isinstance(s["n_trials"], int) and s["n_trials"] >= 1, "an integer >= 1"),
                 ("n_jobs", isinstance(s["n_jobs"], int) and s["n_jobs"] >= 1, "an integer >= 1"),
                 ("tol", s["tol"] > 0, "a number > 0"),
-                ("max_failure_rate", 0 <= s["max_failure_rate"] <= 1, "a number in [0, 1]"),
-                ("sampler", s["sampler"] in SAMPLERS, ", ".join(SAMPLERS))):
+                ("max_failure_rate", 0 <= s["max_failure_rate"] <= 1, "a number in [0, 1]")):
             if not ok:
                 raise ConfigError(f"search.{key}={s[key]!r} is not valid; allowed: {allowed}")
         crit = Criterion(s["criterion"], s["delta"], s["delta_acc"]) if s["criterion"] else None
@@ -165,34 +164,39 @@ class OptunaSweeperImpl(Sweeper):
         return jobs
 
     def _validate(self, jobs: list[list[str]]) -> list[DictConfig]:
-        from robustsweep.config import ConfigError, validate
+        from robustsweep.config import ConfigError
+        from robustsweep.sweep import compose_and_validate
 
         assert self.hydra_context is not None and self.config is not None
-        cfgs = []
-        for overrides in jobs:
+        cfgs: list[DictConfig] = []
+        for overrides in jobs:  # one at a time: the first bad job stops it, named in the message
             try:
-                cfg = self.hydra_context.config_loader.load_sweep_config(
-                    master_config=self.config, sweep_overrides=list(overrides))
-                cfgs.append(validate(cfg))
-            except ConfigError as e:
-                raise ConfigError(f"job [{' '.join(overrides)}]: {e}") from None
+                got, errors = compose_and_validate(self.hydra_context.config_loader, self.config,
+                                                   [overrides])
             except Exception as e:  # Hydra's own compose errors (unknown group option, bad type)
                 raise ConfigError(f"job [{' '.join(overrides)}]: {type(e).__name__}: {e}") from None
+            if errors:
+                raise ConfigError(errors[0])
+            cfgs += got
         return cfgs
 
     # --------------------------------------------------------------------- 2. the study
     def _open_study(self, plan: dict[str, Any]) -> Any:
         import optuna
 
-        from robustsweep.config import resolve_path
-        from robustsweep.search import build_sampler, check_spec, fail_interrupted_trials
+        from robustsweep.config import ConfigError, resolve_path
+        from robustsweep.search import (
+            build_sampler,
+            check_spec,
+            fail_interrupted_trials,
+            open_storage,
+            redact_url,
+        )
         from robustsweep.sweep import cell_id
 
         s, crit, ref_cfg = plan["s"], plan["crit"], plan["ref_cfg"]
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log every trial ourselves
         default = resolve_path(ref_cfg.paths.output_dir) / "optuna" / "journal.log"
-        from robustsweep.search import open_storage
-
         storage = open_storage(s["storage"], default)
         name = s["study_name"] or _default_study_name(plan)
         sampler = build_sampler(s["sampler"], plan["param"] if crit else None,
@@ -201,8 +205,6 @@ class OptunaSweeperImpl(Sweeper):
             study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                         direction=s["direction"], load_if_exists=True)
         except Exception as e:
-            from robustsweep.config import ConfigError
-
             raise ConfigError(f"search.storage={s['storage']!r}: cannot create or load study {name!r} "
                               f"({type(e).__name__}: {e})") from e
         spec = {"objective": s["objective"], "direction": s["direction"], "criterion": s["criterion"],
@@ -210,14 +212,12 @@ class OptunaSweeperImpl(Sweeper):
                 "param": plan["param"] if crit else None, "reference": s["reference"] if crit else None,
                 "reference_cell": cell_id(ref_cfg) if crit else None}
         if study.direction.name.lower() != s["direction"]:
-            from robustsweep.config import ConfigError
-
             raise ConfigError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
                               f"asked search.direction={s['direction']}; allowed: the same direction or "
                               f"a new search.study_name=<name>")
         check_spec(study, spec)
         fail_interrupted_trials(study)
-        plan["storage_desc"] = _redact(s["storage"]) if s["storage"] else f"journal file {default}"
+        plan["storage_desc"] = redact_url(s["storage"]) if s["storage"] else f"journal file {default}"
         log.info("study %s (%s, sampler %s): %d trial(s) stored", name, plan["storage_desc"],
                  s["sampler"], len(study.trials))
         return study
@@ -266,10 +266,8 @@ class OptunaSweeperImpl(Sweeper):
         if n_before:
             log.info("continuing study %s: %d finished trial(s) count towards n_trials=%d",
                      study.study_name, n_before, s["n_trials"])
-        stop_reason = "n_trials reached"
         while len(counted()) < s["n_trials"]:
             if crit is not None and ref is not None and self._converged():
-                stop_reason = f"bracket narrower than tol={s['tol']} (or no cliff in the range)"
                 break
             k = 1 if (crit is not None and ref is None) else min(s["n_jobs"], s["n_trials"] - len(counted()))
             trials = [study.ask(space) for _ in range(k)]
@@ -279,16 +277,15 @@ class OptunaSweeperImpl(Sweeper):
                 self._finish("FAILED")
                 raise SearchError(f"the dense reference trial failed, so no trial can be judged: "
                                   f"{failures[-1] if failures else 'see the log'}")
-            self._log_bracket(final=False)
+            self._log_bracket()
             n_failed = sum(1 for t in counted() if t.state == TrialState.FAIL)
             if n_failed > s["max_failure_rate"] * s["n_trials"]:
                 self._finish("FAILED")
                 raise SearchError(
                     f"study {study.study_name} stopped: {n_failed} failed trials > search.max_failure_rate"
                     f"={s['max_failure_rate']} x n_trials={s['n_trials']}:\n  " + "\n  ".join(failures))
-        else:
-            if crit is not None and self._converged():
-                stop_reason = f"bracket narrower than tol={s['tol']} (or no cliff in the range)"
+        stop_reason = (f"bracket narrower than tol={s['tol']} (or no cliff in the range)"
+                       if crit is not None and self._converged() else "n_trials reached")
         log.info("study %s stopped: %s", study.study_name, stop_reason)
         self._finish("FINISHED", stop_reason)
         if failures:
@@ -297,6 +294,8 @@ class OptunaSweeperImpl(Sweeper):
         return returns
 
     def _launch(self, trials: list[Any], failures: list[str]) -> Sequence[JobReturn]:
+        from optuna.trial import TrialState
+
         from robustsweep import sweep as sw
         from robustsweep.config import ConfigError
         from robustsweep.search import ROLE_ATTR, is_safe, record_constraints
@@ -310,7 +309,7 @@ class OptunaSweeperImpl(Sweeper):
         except ConfigError as e:  # a sampled value the corner checks could not foresee
             for t in trials:
                 t.set_user_attr("error", str(e)[:1000])
-                study.tell(t, state=_state("FAIL"))
+                study.tell(t, state=TrialState.FAIL)
             failures.append(str(e))
             return []
         results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
@@ -326,14 +325,14 @@ class OptunaSweeperImpl(Sweeper):
                 msg = f"trial {t.number} [{desc}]: {kind}{err}"
                 failures.append(msg)
                 t.set_user_attr("error", msg[:1000])
-                study.tell(t, state=_state("FAIL"))
+                study.tell(t, state=TrialState.FAIL)
                 log.warning("%s -> FAILED", msg)
                 continue
             needed = [plan["s"]["objective"]] if plan["s"]["objective"] not in t.params else []
             needed += list(crit.metrics) if crit else []
             missing = [m for m in needed if m not in metrics]
             if missing:
-                study.tell(t, state=_state("FAIL"))
+                study.tell(t, state=TrialState.FAIL)
                 self._finish("FAILED")
                 raise SearchError(f"the job returned no {', '.join(missing)} (it returned: "
                                   f"{', '.join(sorted(metrics))}); check search.objective/criterion")
@@ -393,7 +392,7 @@ class OptunaSweeperImpl(Sweeper):
                 out.update(b.as_metrics("." + re.sub(r"[^\w.\- /]", "_", g)))
         return out
 
-    def _log_bracket(self, final: bool) -> dict[str, float]:
+    def _log_bracket(self) -> dict[str, float]:
         import time
 
         from mlflow.entities import Metric
@@ -414,7 +413,7 @@ class OptunaSweeperImpl(Sweeper):
         from robustsweep.search import brackets_by_group, plot_cliff, trials_table
 
         plan, study = self.plan, self.study
-        m = self._log_bracket(final=True)
+        m = self._log_bracket()
         trials = study.get_trials(deepcopy=False)
         result: dict[str, Any] = {"study_name": study.study_name, "storage": plan["storage_desc"],
                                   "stopped": reason or status, "metrics": m}
@@ -507,17 +506,6 @@ def _job(fixed: list[str], params: dict[str, Any]) -> list[str]:
 
 def _fmt(v: Any) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
-
-
-def _state(name: str) -> Any:
-    from optuna.trial import TrialState
-
-    return TrialState[name]
-
-
-def _redact(url: str) -> str:
-    """Hide a password in an RDB URL before it is logged or tagged."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def _default_study_name(plan: dict[str, Any]) -> str:

@@ -38,21 +38,14 @@ class InvalidSweepError(CompactHydraException):
 
 class ValidatingSweeper(BasicSweeper):
     def _compose_and_validate(self, batch: Sequence[Sequence[str]]) -> list[DictConfig]:
-        from robustsweep.config import ConfigError, validate
+        from robustsweep.sweep import compose_and_validate
 
         assert self.hydra_context is not None and self.config is not None
-        errors, cfgs = [], []
-        for overrides in batch:
-            cfg = self.hydra_context.config_loader.load_sweep_config(
-                master_config=self.config, sweep_overrides=list(overrides))
-            try:
-                cfgs.append(validate(cfg))
-            except ConfigError as e:
-                errors.append(f"  job [{' '.join(overrides)}]: {e}")
+        cfgs, errors = compose_and_validate(self.hydra_context.config_loader, self.config, batch)
         if errors:
             raise InvalidSweepError(
                 f"{len(errors)} of {len(batch)} sweep jobs have invalid values; nothing was run:\n"
-                + "\n".join(errors))
+                + "\n".join(f"  {e}" for e in errors))
         return cfgs
 
     def sweep(self, arguments: list[str]) -> Any:
