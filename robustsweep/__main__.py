@@ -28,6 +28,16 @@ def _task(cfg: DictConfig) -> dict[str, float]:
             log.error("configuration error: %s", e)
             sys.exit(2)
         raise
+    except SystemExit as e:
+        # Hydra records only Exceptions as failed jobs: a sys.exit() deep in a job (ours or a
+        # library's) would end the whole sweep. In a multirun it fails this cell only.
+        if HydraConfig.get().mode == RunMode.MULTIRUN and e.code not in (0, None):
+            raise JobExitError(f"the job called sys.exit({e.code!r})") from e
+        raise
+
+
+class JobExitError(RuntimeError):
+    """A job of a multirun called ``sys.exit`` with a failure code."""
 
 
 def main() -> None:

@@ -1,9 +1,16 @@
-"""Hydra callback: at the end of a multirun, summarise the sweep onto its MLflow parent run.
+"""Hydra callbacks: a preflight before anything starts, and the end-of-sweep summary.
+
+``Preflight``: before Hydra creates its first output folder, check that ``paths.output_dir`` and
+the MLflow store's folder are writable and have room (``tracking.preflight``); otherwise exit with
+the message alone, not a traceback from deep inside a job.
+
+``SweepSummaryCallback``: at the end of a multirun, summarise the sweep onto its MLflow parent run.
 
 The validating sweeper created the parent run and wrote ``<sweep dir>/sweep_status.json``. Here the
 summary figures and ``cells.csv`` (robustsweep.summary) are logged to the parent under
-``summary/``, the parent is closed (FAILED if any cell failed), and failed cells are listed; the
-command then exits non-zero.
+``summary/``, cells whose ASR falls as eps grows are tagged ``suspect`` (robustsweep.checks), the
+parent is closed (FAILED if any cell failed), and failed cells are listed; the command then exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -21,12 +28,29 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+class Preflight(Callback):
+    def _check(self, config: DictConfig) -> None:
+        from robustsweep.config import ConfigError
+        from robustsweep.tracking import preflight
+
+        try:
+            preflight(config)
+        except ConfigError as e:
+            # Hydra turns exceptions from callbacks into warnings; SystemExit gets through.
+            raise SystemExit(f"configuration error, nothing was run: {e}") from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        import mlflow
 
+        from robustsweep import checks, tracking
         from robustsweep import sweep as sw
-        from robustsweep import tracking
         from robustsweep.summary import SummaryError, write_summary
 
         report = Path(config.hydra.sweep.dir) / "sweep_status.json"
@@ -35,7 +59,9 @@ class SweepSummaryCallback(Callback):
             return  # not swept by the validating sweeper (e.g. another sweeper): nothing to do
         info = json.loads(report.read_text())
         tracking.setup(config)
-        client = mlflow.MlflowClient()
+        client = tracking.client()
+        flagged = checks.check_sweep(client, parent, float(config.checks.tol))
+        client.log_metric(parent, "n_suspect_eps", len(flagged))
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 cells = write_summary(client, parent, Path(tmp) / "summary")

@@ -2,16 +2,24 @@
 
 A ``.safetensors`` file holds only tensors, so loading one cannot execute code. User weights in
 ``.pt``/``.pth`` form are read with ``torch.load(weights_only=True)``, which refuses pickled
-objects other than tensors and plain containers.
+objects other than tensors and plain containers, with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+removed from the environment for the call (that variable exists to turn the safety off).
+
+Writes go to ``.<name>.<pid>.<random>.tmp`` in the target folder, are fsynced, then renamed over
+the target (``os.replace`` is atomic on POSIX): a reader sees the old file or the new one, never
+half of one. A process killed mid-write leaves its temp file; the next write into that folder
+removes temp files whose writer process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +42,39 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete ``.<name>.<pid>.*.tmp`` files left by writers that no longer run; return how many."""
+    n = 0
+    for f in folder.glob(".*.tmp") if folder.is_dir() else ():
+        parts = f.name.split(".")  # ['', name..., pid, random, 'tmp']
+        pid = parts[-3] if len(parts) >= 4 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            f.unlink(missing_ok=True)
+            n += 1
+    if n:
+        log.warning("removed %d temp file(s) left in %s by killed writers", n, folder)
+    return n
+
+
+def _temp_for(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_for(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -51,9 +88,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any] | None = None) -> str:
     """Save ``model.state_dict()`` as safetensors + a JSON sidecar with its SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_for(path)
     os.close(fd)
     try:
         save_file(state, tmp)
@@ -79,6 +115,16 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
+@contextlib.contextmanager
+def _env_without(name: str) -> Iterator[None]:
+    old = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[name] = old
+
+
 def load_state(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict without executing pickled code; check its hash when one is known."""
     if not path.is_file():
@@ -89,7 +135,8 @@ def load_state(path: Path, expected_sha256: str | None = None) -> dict[str, torc
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _env_without("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors/pickle errors have no common base class
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     for key in ("state_dict", "model_state_dict", "model"):

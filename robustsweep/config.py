@@ -91,6 +91,15 @@ class SearchConfig:
 
 
 @dataclass
+class ChecksConfig:
+    """Sanity checks of every cell's attack result (robustsweep.checks; README "What we check")."""
+
+    sanity: bool = True  # eps=0, eps=1, PGD vs FGSM, PGD vs noise on n_probe correct images
+    n_probe: int = 64  # images the per-cell sanity checks attack (first correct eval images)
+    tol: float = 0.05  # ASR slack for PGD >= FGSM and for "ASR does not fall as eps grows"
+
+
+@dataclass
 class Config:
     """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
 
@@ -107,6 +116,7 @@ class Config:
     attribution: Any = None
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -220,6 +230,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     from robustsweep.prune import PRUNE_METHODS
 
     cfg = cfg.copy()
+    # `???` values anywhere except Hydra's own node (whose job.num is only set per job).
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
+    if missing:
+        raise ConfigError(f"{missing[0]} is missing (???) and has no default; allowed: set it, e.g. "
+                          f"python -m robustsweep {missing[0]}=<value>"
+                          + (f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
     sparsity = cfg.sparsity
     _check(0.0 <= sparsity < 1.0, "sparsity", sparsity, "a float in [0, 1)")
     with _unlocked(cfg):
@@ -273,6 +289,11 @@ def validate(cfg: DictConfig) -> DictConfig:
             except ConfigError:
                 value = -1.0
             _check(0 < value <= 1, "attack.step_size", step, allowed)
+            # A step larger than the ball is clipped back every step: PGD degenerates into
+            # projected sign noise. Almost always a mix-up of eps and step (2/255 vs 8/255).
+            _check(value <= cfg.epsilon or cfg.epsilon == 0, "attack.step_size", step,
+                   f"a step <= epsilon ({cfg.epsilon:.6g}); or null to scale with epsilon "
+                   f"(2.5*eps/steps)")
 
     n_img = cfg.attribution.n_images
     _check(isinstance(n_img, int) and n_img >= 0, "attribution.n_images", n_img, "an integer >= 0")
@@ -281,6 +302,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         _positive_int(cfg, "attribution.internal_batch_size")
         _check(cfg.attribution.baseline in ("black", "white", "gray"), "attribution.baseline",
                cfg.attribution.baseline, "black, white, gray")
+        cap = cfg.attribution.get("max_n_steps")
+        _check(cap is None or (isinstance(cap, int) and cap >= cfg.attribution.n_steps),
+               "attribution.max_n_steps", cap,
+               f"null (no doubling) or an integer >= attribution.n_steps ({cfg.attribution.n_steps})")
+    _check(cfg.checks.n_probe >= 0, "checks.n_probe", cfg.checks.n_probe, "an integer >= 0")
+    _number_in(cfg, "checks.tol", 0.0, 1.0, "a number in [0, 1]")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
            "a non-empty MLflow experiment name")
     return cfg

@@ -156,6 +156,15 @@ def check_data_config(cfg: DictConfig) -> None:
     if cfg.get("n_eval") is not None and (not isinstance(cfg.n_eval, int) or cfg.n_eval <= 0):
         raise ConfigError(f"data.n_eval={cfg.n_eval!r} is not valid; allowed: null (whole test "
                           f"split) or an integer > 0")
+    # Statistics in 0..255 units (or of normalised data) would silently rescale every input.
+    for key, lo_open in (("mean", False), ("std", True)):
+        vals = cfg.get(key)
+        if vals:
+            ok = all(isinstance(v, int | float) and (v > 0 if lo_open else v >= 0) and v <= 1 for v in vals)
+            if not ok:
+                raise ConfigError(f"data.{key}={list(vals)!r} is not valid; allowed: null (computed "
+                                  f"from the training split) or per-channel values in "
+                                  f"{'(0, 1]' if lo_open else '[0, 1]'} pixel units (not 0..255)")
     if cfg.name == "imagefolder":
         if OmegaConf.is_missing(cfg, "root") or not cfg.root:
             raise ConfigError("data.root is missing; allowed: a folder with train/<class>/* and "

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep import sweep, tracking
+from robustsweep import checks, sweep, tracking
 from robustsweep.attacks import AttackFn, build_attack, check_adversarial, evaluate, frozen
-from robustsweep.attribution import integrated_gradients, plot_attributions
-from robustsweep.config import ConfigError, resolve_device, resolve_path, validate
+from robustsweep.attribution import Attributions, integrated_gradients, plot_attributions
+from robustsweep.config import resolve_device, resolve_path, validate
 from robustsweep.data import Dataset, load_dataset, to_float
 from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
 from robustsweep.train import get_baseline, train_model
@@ -35,9 +35,13 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsity_measured",
                 "ig_delta")
-# Everything run() returns (ig_* only with attribution on): what a sweeper may optimise.
+SANITY_METRICS = ("sanity_n_probe", "sanity_asr_eps0", "sanity_asr_noise", "sanity_asr_fgsm",
+                  "sanity_asr_pgd", "sanity_asr_unbounded")
+# Everything run() returns (ig_* only with attribution on, sanity_* with checks.sanity): what a
+# sweeper may optimise.
 RETURNED_METRICS = (*METRIC_NAMES, "n_fooled", "baseline_test_acc", "n_pred_classes", "attack_s",
-                    "ig_s", "job_s", "mlflow_s")
+                    "ig_s", "job_s", "mlflow_s", "guard_n_batches", "guard_max_dist", "ig_n_steps",
+                    "ig_n_incomplete", *SANITY_METRICS, "sanity_s")
 
 
 @contextlib.contextmanager
@@ -60,13 +64,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t_start = time.perf_counter()
     cfg = validate(cfg)
     out_dir = resolve_path(cfg.paths.output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"paths.output_dir={cfg.paths.output_dir!r} cannot be created: {e}") from e
+    tracking.preflight(cfg)  # writable, with room: a clear error now, not a traceback later
 
     experiment_id = tracking.setup(cfg)
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     cid = sweep.cell_id(cfg)
     tags = {sweep.CELL_TAG: cid, sweep.ROLE_TAG: "cell", **tracking.hydra_tags()}
     parent = sweep.parent_run_id()
@@ -86,23 +87,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
             return dict(prev.data.metrics)
     sweep.fail_stale_runs(client, experiment_id, cid)
     t_mlflow = time.perf_counter()
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name(cfg), tags=tags)
+    active = tracking.retry_locked(mlflow.start_run, experiment_id=experiment_id,
+                                   run_name=tracking.run_name(cfg), tags=tags)
+    # Params first, so that a cell which fails later still shows what it was.
+    client.log_batch(active.info.run_id, params=tracking.param_entities(cfg))
     mlflow_s = time.perf_counter() - t_mlflow
     with _artifact_dir() as job_dir, active:
         try:
-            metrics, baseline_source = _compute(cfg, job_dir / "mlflow", out_dir)
+            metrics, run_tags = _compute(cfg, job_dir / "mlflow", out_dir)
         except BaseException as e:
             client.set_tag(active.info.run_id, sweep.ERROR_TAG, f"{type(e).__name__}: {e}"[:4000])
             raise
-        # One batched call for params + metrics + tags, one for the artifact folder.
+        # One batched call for metrics + tags, one for the artifact folder.
         t_mlflow = time.perf_counter()
         metrics["job_s"] = time.perf_counter() - t_start
         now = int(time.time() * 1000)
         client.log_batch(
             active.info.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-            params=tracking.param_entities(cfg),
-            tags=[RunTag("robustsweep.baseline", baseline_source)])
+            tags=[RunTag(k, v) for k, v in run_tags.items()])
         mlflow.log_artifacts(str(job_dir / "mlflow"))
         mlflow_s += time.perf_counter() - t_mlflow
         client.log_metric(active.info.run_id, "mlflow_s", mlflow_s, now)
@@ -126,9 +129,10 @@ def _reuse_as_child(client: Any, experiment_id: str, prev: Any, tags: dict[str, 
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, float], str]:
-    """The numbers and files of one cell (staged in ``stage`` for one upload), and where the
-    dense baseline came from (trained / cache / checkpoint)."""
+def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The numbers and files of one cell (staged in ``stage`` for one upload), and its tags:
+    where the dense baseline came from (trained / cache / checkpoint), the model's hash, and
+    ``suspect`` when a sanity check failed (robustsweep.checks)."""
     device = resolve_device(cfg.device)
     eps = float(cfg.epsilon)
     stage.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,22 @@ def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, flo
     log.info("pruned %d tensors with %s to measured sparsity %.4f (asked %.4f)",
              len(targets), cfg.prune.method, sparsity, cfg.sparsity)
 
+    # Attacking and attributing must leave the pruned model bit-identical (checked by hash).
+    with checks.unchanged(model, "attacking and attributing") as model_hash:
+        metrics, suspect = _attack_and_attribute(model, ds, cfg, eps, sparsity, stage)
+    metrics["baseline_test_acc"] = float(base["test_acc"])
+    tags = {"robustsweep.baseline": base["source"], "robustsweep.model_sha256": model_hash,
+            "robustsweep.checks": "guards passed: input range, adversarial batches, model unchanged"}
+    if suspect:
+        tags[checks.SUSPECT_TAG] = ",".join(sorted(suspect))
+        for r in sorted(suspect):
+            log.warning("suspect cell (%s): %s", r, checks.REASONS[r])
+    return metrics, tags
+
+
+def _attack_and_attribute(model: torch.nn.Module, ds: Dataset, cfg: DictConfig, eps: float,
+                          sparsity: float, stage: Path) -> tuple[dict[str, float], set[str]]:
+    """Attack the eval subset, run the sanity probe, attribute; the metrics and suspect reasons."""
     # ---- attack
     torch.manual_seed(cfg.seed)  # PGD's random start
     t0 = time.perf_counter()
@@ -160,8 +180,8 @@ def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, flo
     metrics: dict[str, float] = {
         "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
         "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
-        "sparsity_measured": sparsity, "baseline_test_acc": float(base["test_acc"]),
-        "attack_s": time.perf_counter() - t0,
+        "sparsity_measured": sparsity, "attack_s": time.perf_counter() - t0,
+        "guard_n_batches": res.n_batches_checked, "guard_max_dist": res.max_dist,
         # A collapsed model predicts one class: its ASR says nothing about robustness.
         "n_pred_classes": int(res.clean_pred.unique().numel()),
     }
@@ -170,37 +190,59 @@ def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, flo
                     "asr/robust_acc of this cell describe a broken model",
                     res.clean_acc, len(ds.classes), metrics["n_pred_classes"])
 
+    log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
+             res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
+    suspect: set[str] = set()
+
+    # ---- sanity of the attack result (Carlini et al. 2019) on the first correct images
+    if cfg.checks.sanity and cfg.attack.name != "none" and cfg.checks.n_probe > 0:
+        t0 = time.perf_counter()
+        idx = (res.clean_pred == ds.y_eval).nonzero().flatten()[:cfg.checks.n_probe]
+        y_probe = ds.y_eval[idx]
+        # The cell's own attack already ran on these images: reuse its result.
+        own = {cfg.attack.name: float((res.adv_pred[idx] != y_probe).float().mean())} \
+            if cfg.attack.name in ("fgsm", "pgd") else {}
+        with frozen(model):
+            sanity = checks.sanity_probe(
+                model, lambda e, o: build_attack(model, e, cfg.attack, **o), cfg.attack.name,
+                to_float(ds.x_eval[idx]), y_probe, eps, cfg.checks.tol, seed=cfg.seed, known=own)
+        metrics.update(sanity.metrics())
+        metrics["sanity_s"] = time.perf_counter() - t0
+        suspect.update(sanity.reasons)
+
     # ---- attribute
     k = min(cfg.attribution.n_images, res.n_eval)
     if k > 0:
         t0 = time.perf_counter()
-        metrics["ig_delta"] = _attribute(model, attack, ds, k, cfg, eps, sparsity, stage / "ig")
-        metrics["ig_s"] = time.perf_counter() - t0
-
-    log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)  sparsity %.4f",
-             res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct, sparsity)
-    return metrics, base["source"]
+        attr = _attribute(model, attack, ds, k, cfg, eps, sparsity, stage / "ig")
+        metrics.update(ig_delta=attr.mean_abs_delta, ig_n_steps=attr.n_steps,
+                       ig_n_incomplete=attr.n_incomplete, ig_s=time.perf_counter() - t0)
+        if attr.n_incomplete:
+            suspect.add("ig_incomplete")
+    return metrics, suspect
 
 
 def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cfg: DictConfig,
-               eps: float, sparsity: float, out: Path) -> float:
-    """IG on k fixed images, clean and attacked; write figure + raw arrays; return mean |delta|."""
+               eps: float, sparsity: float, out: Path) -> Attributions:
+    """IG on k fixed images, clean and attacked; write figure + raw arrays."""
     import matplotlib.pyplot as plt
 
     idx = ds.showcase_idx(k)
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
     torch.manual_seed(cfg.seed)
+    y_copy = y.clone()
     with frozen(model):
         x_adv = attack(x, y).detach()
-    check_adversarial(x, x_adv, eps)
+    check_adversarial(x, x_adv, eps, getattr(attack, "norm", "Linf"), y_copy, y)
     a = cfg.attribution
-    attr = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline, a.internal_batch_size)
+    attr = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline, a.internal_batch_size,
+                                max_n_steps=a.get("max_n_steps"))
     fig = plot_attributions(
         attr, ds.classes,
         f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | {cfg.attack.name} "
-        f"eps {eps * 255:.3g}/255 | IG {a.n_steps} steps, {a.baseline} baseline")
+        f"eps {eps * 255:.3g}/255 | IG {attr.n_steps} steps, {a.baseline} baseline")
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "ig_maps.png", dpi=110)
     plt.close(fig)
     attr.save_npz(str(out / "attributions.npz"))
-    return attr.mean_abs_delta
+    return attr

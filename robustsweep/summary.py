@@ -7,7 +7,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   heatmap_asr.png, heatmap_robust_acc.png   sparsity x eps, one panel per (attack, prune method)
   curves.png                                clean_acc and asr vs sparsity, 95 % Wilson intervals
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
-  cells.csv                                 every cell's params and metrics
+  cells.csv                                 every cell's params, metrics and `suspect` tag
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
     cells = []
     for r in runs:
         p, m = r.data.params, r.data.metrics
-        cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", "")}
+        cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", ""),
+                "suspect": r.data.tags.get("suspect", "")}
         for k in KEY_PARAMS:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
@@ -217,9 +218,9 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run_id", "cell_id", *KEY_METRICS, *param_keys])
+        w.writerow(["run_id", "cell_id", "suspect", *KEY_METRICS, *param_keys])
         for c in cells:
-            w.writerow([c["run_id"], c["cell_id"], *[c[k] for k in KEY_METRICS],
+            w.writerow([c["run_id"], c["cell_id"], c["suspect"], *[c[k] for k in KEY_METRICS],
                         *[c["params"].get(k, "") for k in param_keys]])
     log.info("summary of %d cells written to %s", len(cells), out_dir)
     return cells

@@ -1,7 +1,7 @@
 """Sweeps in MLflow: one parent run per sweep, one child run per cell, resumable by cell identity.
 
 * ``cell_id`` = SHA-256 of the resolved config that determines a cell's results: everything except
-  output paths, tracking and search settings and Hydra's own node. Same cell, same id, in any sweep.
+  output paths, tracking, search and check settings and Hydra's own node. Same cell, same id, in any sweep.
 * A sweep is identified by its override list (``sweep_id``); relaunching the same command reuses
   the same parent run, so a resumed sweep still shows as one parent with all its children.
 * Resume: cells that already have a FINISHED run with their ``cell_id`` are skipped (the
@@ -32,7 +32,8 @@ ROLE_TAG = "robustsweep.role"
 ERROR_TAG = "robustsweep.error"
 TRIAL_ENV = "ROBUSTSWEEP_OPTUNA_TRIAL"  # set per job by the Optuna sweeper (hydra.job.env_set)
 STUDY_ENV = "ROBUSTSWEEP_OPTUNA_STUDY"
-NOT_RESULTS = ("paths", "tracking", "hydra", "search")  # config nodes that cannot change a cell's numbers
+# config nodes that cannot change a cell's numbers (checks only add sanity metrics and tags)
+NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks")
 
 
 def cell_id(cfg: DictConfig) -> str:

@@ -1,22 +1,40 @@
 """MLflow: where the store is, and how one job becomes one run.
 
 Store: ``MLFLOW_TRACKING_URI`` from the environment wins (as every MLflow user expects);
-otherwise ``tracking.uri`` (default ``sqlite:///outputs/mlflow.db``), a relative sqlite path being
-taken from the launch directory, with artifacts under ``outputs/mlartifacts``. ``mlflow ui
---backend-store-uri sqlite:///outputs/mlflow.db`` from the same directory shows the same store.
+otherwise ``tracking.uri`` (default ``sqlite:///outputs/mlflow.db``), with artifacts under
+``outputs/mlartifacts``. ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`` from the same
+directory shows the same store.
+
+Several processes, one store:
+* Relative SQLite paths (in ``tracking.uri`` *or* the environment) are taken from the launch
+  directory, so jobs that ``chdir`` into their own folders (``hydra.job.chdir=true``) still write
+  to the one store.
+* A new SQLite store is created and migrated under a file lock (``<db>.lock``): two processes
+  opening a fresh store at once otherwise race in MLflow's schema migration and one crashes.
+* Every client call retries with exponential backoff when SQLite answers "database is locked"
+  (``client()``); MLflow already waits 20 s per statement, this covers longer writers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.config import resolve_path
+from robustsweep.config import ConfigError, resolve_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+LOCKED = ("database is locked", "database table is locked")
+MIN_FREE_MB = 200  # below this, a sweep stops at start instead of failing mid-write
 
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself; remember what we set so that
@@ -30,18 +48,96 @@ def user_env_uri() -> str | None:
 
 
 def resolve_tracking_uri(uri: str) -> str:
-    """``MLFLOW_TRACKING_URI`` if the user set it; else ``uri``, relative sqlite paths made absolute."""
-    env = user_env_uri()
-    if env:
-        return env
+    """``MLFLOW_TRACKING_URI`` if the user set it, else ``uri``; relative sqlite paths and plain
+    folders (the legacy file store) are made absolute against the launch directory."""
+    uri = user_env_uri() or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = resolve_path(uri[len(prefix):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
-    if "://" not in uri:  # a plain folder: the (legacy) file store
+    if "://" not in uri:
         return str(resolve_path(uri))
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute ``sqlite:///`` URI (None for other stores)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):].split("?")[0]) if uri.startswith(prefix) else None
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, base_s: float = 0.05,
+                 **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, retried with jittered exponential backoff while SQLite says the
+    database is locked (the failed transaction was rolled back, so a retry is safe). 8 attempts
+    wait up to ~13 s in all; any other error is raised at once."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if i == attempts - 1 or not any(s in str(e) for s in LOCKED):
+                raise
+            delay = base_s * 2 ** i * (1 + random.random())
+            log.warning("MLflow store busy (%s); retry %d of %d in %.2f s",
+                        str(e).splitlines()[0][:120], i + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Client:
+    """``mlflow.MlflowClient`` whose every method call goes through ``retry_locked``."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        import mlflow
+
+        self._client = mlflow.MlflowClient(tracking_uri)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        return functools.partial(retry_locked, attr) if callable(attr) else attr
+
+
+def client(tracking_uri: str | None = None) -> Client:
+    return Client(tracking_uri)
+
+
+def ensure_store(uri: str) -> None:
+    """Create or migrate a SQLite store under a file lock, so parallel first users don't race."""
+    from filelock import FileLock
+
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    with FileLock(str(db) + ".lock", timeout=600):
+        Client(uri).search_experiments(max_results=1)  # builds (and caches) the migrated store
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Before any job: the output folder and the store's folder exist, are writable and have
+    room. Raises ConfigError naming the key, instead of a traceback mid-sweep."""
+    targets = [("paths.output_dir", resolve_path(cfg.paths.output_dir))]
+    db = sqlite_path(resolve_tracking_uri(cfg.tracking.uri))
+    if db is not None:
+        key = "MLFLOW_TRACKING_URI" if user_env_uri() else "tracking.uri"
+        targets.append((key, db.parent))
+    for key, folder in targets:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".robustsweep-write-test.{os.getpid()}"
+            with open(probe, "wb") as f:
+                f.write(b"x" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot write to {folder} ({e.strerror or e}); allowed: a "
+                              f"writable folder with at least {MIN_FREE_MB} MB free") from e
+        free_mb = shutil.disk_usage(folder).free / 2**20
+        if free_mb < MIN_FREE_MB:
+            raise ConfigError(f"{key}: only {free_mb:.0f} MB free on the disk of {folder}; allowed: "
+                              f"a folder with at least {MIN_FREE_MB} MB free (checkpoints, figures, "
+                              f"the MLflow store)")
 
 
 def setup(cfg: DictConfig) -> str:
@@ -50,18 +146,20 @@ def setup(cfg: DictConfig) -> str:
 
     from_env = user_env_uri() is not None
     uri = resolve_tracking_uri(cfg.tracking.uri)
+    ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     _SET_BY_US.add(uri)
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    c = Client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
     if not from_env and cfg.tracking.get("artifact_dir"):
         artifact_location = resolve_path(cfg.tracking.artifact_dir).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+        return c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
-        return mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        return c.get_experiment_by_name(cfg.tracking.experiment).experiment_id
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,49 @@ def test_mismatched_weights_are_reported(tmp_path):
     torch.save(nn.Linear(5, 3).state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_into(_model(), load_state(tmp_path / "w.pt"), "w.pt")
+
+
+def test_temp_files_of_killed_writers_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # a pid that has exited
+    stale = tmp_path / f".m.safetensors.{dead}.abc123.tmp"
+    live = tmp_path / f".m.safetensors.{os.getppid()}.def456.tmp"  # our parent: alive
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    save_checkpoint(_model(), tmp_path / "m.safetensors")
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, "m.safetensors", "m.json"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "sidecar"])
+def test_corrupted_cached_baseline_is_rebuilt_identically(tmp_path, caplog, damage):
+    from robustsweep.config import compose, validate
+    from robustsweep.data import load_dataset
+    from robustsweep.train import get_baseline
+    from tests.conftest import FAST, isolated_overrides
+
+    cfg = validate(compose([*isolated_overrides(tmp_path), *FAST, "train.epochs=2"]))
+    ds = load_dataset(cfg.data)
+    cache = tmp_path / "cache"
+    first, info = get_baseline(cfg, ds, torch.device("cpu"), cache)
+    path = Path(info["path"])
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flip":
+        data[-5] ^= 0xFF  # one weight byte: still a valid file, wrong hash
+        path.write_bytes(bytes(data))
+    else:
+        path.with_suffix(".json").write_text("{not json")
+    with caplog.at_level("INFO"):
+        again, info2 = get_baseline(cfg, ds, torch.device("cpu"), cache)
+    assert info2["source"] == "trained"
+    if damage != "sidecar":
+        assert "cached baseline unusable, retraining" in caplog.text and "SHA-256" in caplog.text
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # rebuilt from a fresh init, not from a half-loaded model
+    assert get_baseline(cfg, ds, torch.device("cpu"), cache)[1]["source"] == "cache"

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import FAST
@@ -51,8 +52,26 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     (["attack=cw"], "Could not find 'attack/cw'"),
     (["model.checkpoint=missing.safetensors"], "model.checkpoint='missing.safetensors'"),
     (["-m", "sparsity=0,1.5"], "sparsity=1.5"),
+    # the list: types, unknown keys, missing values, eps, steps, step size, amount, device
+    (["seed=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["sparsity=half"], "sparsity"),
+    (["attack.stepz=3"], "Could not override 'attack.stepz'"),
+    (["data=imagefolder"], "data.root is missing"),
+    (["epsilon=1.5"], "epsilon=1.5"),
+    (["attack=pgd", "attack.steps=0"], "attack.steps=0 is not valid; allowed: an integer > 0"),
+    (["attack=pgd", "epsilon=2/255", "attack.step_size=8/255"],
+     "attack.step_size='8/255' is not valid; allowed: a step <= epsilon"),
+    (["-m", "attack=pgd", "epsilon=2/255,16/255", "attack.step_size=8/255"], "a step <= epsilon"),
+    (["sparsity=1.0"], "sparsity=1.0 is not valid; allowed: a float in [0, 1)"),
+    (["device=tpu"], "device='tpu' is not valid; allowed: auto, cpu, cuda, cuda:N, mps"),
+    (["device=cuda"], "no CUDA GPU is available here"),
+    (["-m", "device=cuda", "sparsity=0,0.5"], "no CUDA GPU is available here"),
+    (["data.mean=[125.3,123.0,113.9]"], "not 0..255"),
+    (["attribution.max_n_steps=8"], "attribution.max_n_steps=8 is not valid"),
 ])
 def test_bad_input_fails_before_anything_starts(tmp_path, args, fragment):
+    if "CUDA" in fragment and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     p = cli(tmp_path, *args)
     assert p.returncode != 0
     assert fragment in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]

@@ -7,9 +7,10 @@ import math
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from robustsweep.pipeline import METRIC_NAMES, run
+from robustsweep.pipeline import METRIC_NAMES, SANITY_METRICS, run
 
 
 def _runs(tmp_path):
@@ -71,13 +72,18 @@ def test_epsilon_zero_gives_asr_zero_end_to_end(make_cfg):
     assert m["asr"] == 0.0 and m["robust_acc"] == m["clean_acc"]
 
 
-def test_same_seed_same_metrics(make_cfg):
+def test_same_seed_same_metrics(make_cfg, tmp_path):
     # resume=false: compute the cell twice instead of returning the stored run
     a = run(make_cfg("attack=pgd", "attack.steps=3", "tracking.resume=false"))
     b = run(make_cfg("attack=pgd", "attack.steps=3", "tracking.resume=false"))
     assert "mlflow_s" in a and "mlflow_s" in b  # both computed, neither skipped
-    for k in METRIC_NAMES:
-        assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k]))
+    timings = {k for k in a if k.endswith("_s")}
+    assert set(a) == set(b) and {*METRIC_NAMES, *SANITY_METRICS} <= set(a)
+    for k in set(a) - timings:  # every number, sanity probe and IG included, bit for bit
+        assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), k
+    _, runs = _runs(tmp_path)
+    hashes = {r.data.tags["robustsweep.model_sha256"] for r in runs}
+    assert len(runs) == 2 and len(hashes) == 1
 
 
 def test_environment_tracking_uri_wins(make_cfg, tmp_path, monkeypatch):
@@ -104,3 +110,44 @@ def test_finished_cell_is_not_computed_again(make_cfg, caplog, tmp_path):
     assert "already FINISHED" in caplog.text
     assert {k: b[k] for k in METRIC_NAMES if k in b} == {k: a[k] for k in METRIC_NAMES if k in a}
     assert len(_runs(tmp_path)[1]) == 1
+
+
+def test_guards_and_sanity_are_recorded_on_the_run(make_cfg, tmp_path):
+    m = run(make_cfg("attack=pgd", "attack.steps=5", "epsilon=0.1"))
+    _, (r,) = _runs(tmp_path)
+    assert r.data.metrics["guard_n_batches"] >= 1 and r.data.metrics["guard_max_dist"] <= 0.1 + 1e-6
+    assert r.data.metrics["sanity_asr_eps0"] == 0 and r.data.metrics["sanity_asr_unbounded"] >= 0.99
+    assert r.data.metrics["sanity_n_probe"] == min(64, m["n_correct"])
+    assert len(r.data.tags["robustsweep.model_sha256"]) == 64
+    assert "suspect" not in r.data.tags  # a sound model at a sane eps
+
+
+def test_ig_incomplete_at_the_cap_tags_the_cell_suspect(make_cfg, tmp_path):
+    m = run(make_cfg("attribution.n_steps=2", "attribution.max_n_steps=2"))
+    assert m["ig_n_steps"] == 2 and m["ig_n_incomplete"] > 0
+    _, (r,) = _runs(tmp_path)
+    assert r.info.status == "FINISHED" and "ig_incomplete" in r.data.tags["suspect"]
+
+
+def test_ig_doubling_reaches_completeness_in_the_pipeline(make_cfg):
+    m = run(make_cfg("attribution.n_steps=2", "attribution.max_n_steps=1024"))
+    assert m["ig_n_steps"] > 2 and m["ig_n_incomplete"] == 0
+
+
+def test_an_attack_that_changes_the_model_fails_the_run(make_cfg, tmp_path, monkeypatch):
+    from robustsweep.attacks import ATTACKS, fgsm
+    from robustsweep.checks import ModelChangedError
+
+    def tampering(model, eps, **kw):  # an attack with a side effect on the weights
+        inner = fgsm(model, eps)
+
+        def attack(x, y):
+            with torch.no_grad():
+                next(model.parameters()).mul_(1.0001)
+            return inner(x, y)
+        return attack
+    monkeypatch.setitem(ATTACKS, "fgsm", tampering)
+    with pytest.raises(ModelChangedError, match="attacking and attributing changed the model"):
+        run(make_cfg())
+    _, (r,) = _runs(tmp_path)
+    assert r.info.status == "FAILED" and "ModelChangedError" in r.data.tags["robustsweep.error"]

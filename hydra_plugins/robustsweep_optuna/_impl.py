@@ -224,7 +224,6 @@ class OptunaSweeperImpl(Sweeper):
 
     # ---------------------------------------------------------------------- 3-6. trials
     def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
-        import mlflow
         from optuna.trial import TrialState
 
         from robustsweep import sweep as sw
@@ -238,7 +237,7 @@ class OptunaSweeperImpl(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         experiment_id = tracking.setup(plan["ref_cfg"])
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         parent = sw.get_or_create_parent(
             client, experiment_id, sw.sweep_id([study.study_name, plan["storage_desc"]], "optuna"),
             name=f"study {study.study_name}"[:250], role="study",

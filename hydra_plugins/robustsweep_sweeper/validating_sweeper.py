@@ -49,8 +49,6 @@ class ValidatingSweeper(BasicSweeper):
         return cfgs
 
     def sweep(self, arguments: list[str]) -> Any:
-        import mlflow
-
         from robustsweep import sweep as sw
         from robustsweep import tracking
 
@@ -67,7 +65,7 @@ class ValidatingSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         experiment_id = tracking.setup(cfgs[0])
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         ids = [sw.cell_id(c) for c in cfgs]
         resume = bool(cfgs[0].tracking.get("resume", True))
         done = sw.finished_cells(client, experiment_id, ids) if resume else {}
@@ -86,15 +84,44 @@ class ValidatingSweeper(BasicSweeper):
 
         returns, failures = [], []
         step = self.max_batch_size or len(todo) or 1
-        for start in range(0, len(todo), step):
-            batch = todo[start:start + step]
-            results = self.launcher.launch(batch, initial_job_idx=start)
-            for job, r in zip(batch, results, strict=True):
-                if r.status == JobStatus.FAILED:
-                    err = r._return_value  # the exception; .return_value would re-raise it
-                    failures.append({"overrides": list(job), "error": f"{type(err).__name__}: {err}"})
-            returns.append(results)
+        try:
+            for start in range(0, len(todo), step):
+                batch = todo[start:start + step]
+                results = self.launcher.launch(batch, initial_job_idx=start)
+                for job, r in zip(batch, results, strict=True):
+                    if r.status == JobStatus.FAILED:
+                        err = r._return_value  # the exception; .return_value would re-raise it
+                        failures.append({"overrides": list(job), "error": f"{type(err).__name__}: {err}"})
+                returns.append(results)
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, ids, done, failures)
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
              "failures": failures}, indent=2))
         return returns
+
+    @staticmethod
+    def _interrupted(e: BaseException, client: Any, experiment_id: str, parent: str, sweep_dir: Path,
+                     jobs: list[Sequence[str]], ids: list[str], done: dict[str, str],
+                     failures: list[dict[str, Any]]) -> None:
+        """Ctrl-C (or an exit that escaped a job): report what is kept, close the parent, exit 130.
+
+        Finished cells are already FINISHED runs; the cell that was running is closed FAILED by
+        its own run context; a relaunch of the same command runs exactly what is missing."""
+        from robustsweep import sweep as sw
+
+        now = sw.finished_cells(client, experiment_id, ids)
+        not_done = [" ".join(j) for j, cid in zip(jobs, ids, strict=True) if cid not in now]
+        client.set_tag(parent, sw.ERROR_TAG, f"interrupted by {type(e).__name__}")
+        client.set_terminated(parent, "KILLED")
+        (sweep_dir / "sweep_status.json").write_text(json.dumps(
+            {"parent_run_id": parent, "n_cells": len(jobs), "skipped": len(done),
+             "ran": len(now) - len(done), "failures": failures, "interrupted": type(e).__name__,
+             "not_finished": not_done}, indent=2))
+        os.environ.pop(sw.PARENT_ENV, None)
+        msg = (f"sweep interrupted ({type(e).__name__}): {len(now)} of {len(jobs)} cells are FINISHED "
+               f"in the store ({len(now) - len(done)} this launch), {len(not_done)} not finished "
+               f"(the one running is marked FAILED). Relaunch the same command to run only those:\n"
+               + "\n".join(f"  [{j}]" for j in not_done))
+        log.error("%s", msg)
+        raise SystemExit(130) from e

@@ -1,0 +1,42 @@
+"""Fault injection for CLI tests (imported by the job process through a Hydra callback).
+
+``+hydra.callbacks.faults._target_=tests.faults.Faults`` registers attack ``fault``: FGSM, except
+that at ``attack.fault_eps`` it performs the fault named by the environment variable
+``ROBUSTSWEEP_TEST_FAULT`` in the middle of the cell (after its MLflow run started): raise | exit |
+interrupt (SIGINT to itself, as Ctrl-C) | kill (SIGKILL to itself). The environment, not the
+config, chooses the fault, so a relaunch without it has the same cells.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from robustsweep.attacks import fgsm, register_attack
+
+
+@register_attack("fault")
+def fault(model: Any, eps: float, fault_eps: float = -1.0, **_: object):
+    inner = fgsm(model, eps)
+    fault = os.environ.get("ROBUSTSWEEP_TEST_FAULT", "")
+
+    def attack(x, y):
+        if abs(eps - fault_eps) < 1e-9:
+            if fault == "raise":
+                raise RuntimeError("injected fault")
+            if fault == "exit":
+                sys.exit(3)
+            if fault == "interrupt":
+                os.kill(os.getpid(), signal.SIGINT)
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+        return inner(x, y)
+    return attack
+
+
+class Faults(Callback):
+    """Importing this module is the point: it registers the attack in every Hydra process."""

@@ -1,0 +1,155 @@
+"""Several processes, one MLflow store: fresh-store creation, concurrent writers, parallel jobs,
+``hydra.job.chdir``; and an unwritable or full output folder stops everything up front."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustsweep import tracking
+from robustsweep.config import ConfigError
+from robustsweep.sweep import CELL_TAG, ROLE_TAG
+from tests.test_cli import REPO, cli
+
+
+def _workers(uri: str, n_workers: int, n_metrics: int) -> list[subprocess.CompletedProcess]:
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+           "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.store_worker", uri, f"w{i}", str(n_metrics)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(n_workers)]
+    return [subprocess.CompletedProcess(p.args, p.wait(300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_writers_on_a_fresh_store_lose_nothing(tmp_path):
+    """2 processes x 200 single-metric calls, starting together on a store that does not exist
+    yet (MLflow's schema migration races without the lock)."""
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    done = _workers(uri, 2, 200)
+    for p in done:
+        assert p.returncode == 0, p.stderr[-3000:]
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("stress").experiment_id])
+    assert sorted(r.data.tags["mlflow.runName"] for r in runs) == ["w0", "w1"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        hist = c.get_metric_history(r.info.run_id, "m")
+        assert sorted(m.step for m in hist) == list(range(200))
+
+
+@pytest.mark.slow
+def test_four_processes_create_one_fresh_store_without_racing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    for p in _workers(uri, 4, 1):
+        assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_locked_database_is_retried_other_errors_are_not(monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) < 3:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return x * 2
+    assert tracking.retry_locked(flaky, 21) == 42 and len(calls) == 3
+
+    def broken():
+        calls.append(0)
+        raise ValueError("no such table: runs")
+    calls.clear()
+    with pytest.raises(ValueError):
+        tracking.retry_locked(broken)
+    assert len(calls) == 1
+
+    def always_locked():
+        raise OperationalError("UPDATE ...", {}, Exception("database is locked"))
+    with pytest.raises(OperationalError):
+        tracking.retry_locked(always_locked, attempts=4)
+
+
+def test_client_methods_go_through_the_retry(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(tracking, "retry_locked", lambda fn, *a, **k: seen.append(fn.__name__) or fn(*a, **k))
+    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    c.search_experiments()
+    assert seen == ["search_experiments"]
+
+
+@pytest.mark.slow
+def test_joblib_launcher_two_workers_all_cells_and_metrics_stored(tmp_path):
+    p = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+            "sparsity=0,0.25,0.5,0.75", "train.epochs=3", "attribution.n_images=2",
+            "attribution.n_steps=8")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    c = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("robustsweep").experiment_id])
+    cells = [r for r in runs if r.data.tags.get(ROLE_TAG) == "cell"]
+    (parent,) = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    assert len(cells) == 4 and len({r.data.tags[CELL_TAG] for r in cells}) == 4
+    assert all(r.info.status == "FINISHED" for r in [*cells, parent])
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in cells)
+    n_metrics = {len(r.data.metrics) for r in cells}
+    n_params = {len(r.data.params) for r in cells}
+    assert len(n_metrics) == 1 and len(n_params) == 1 and min(n_metrics) >= 20, (n_metrics, n_params)
+    pids = {r.data.tags.get("hydra.output_dir") for r in cells}
+    assert len(pids) == 4
+
+
+@pytest.mark.slow
+def test_relative_tracking_uri_with_job_chdir_is_one_store(tmp_path):
+    p = cli(tmp_path, "-m", "hydra.job.chdir=true", "sparsity=0,0.5", "train.epochs=3",
+            "attribution=none", "tracking.uri=sqlite:///store/mlflow.db")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    dbs = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*.db"))
+    assert dbs == ["store/mlflow.db"]
+    c = MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("robustsweep").experiment_id])
+    assert sorted(r.data.tags.get(ROLE_TAG) for r in runs) == ["cell", "cell", "sweep"]
+    # the same holds for a relative MLFLOW_TRACKING_URI
+    env_uri = "sqlite:///envstore/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    try:
+        p = subprocess.run([sys.executable, "-m", "robustsweep", "-m", "hydra.job.chdir=true",
+                            "sparsity=0,0.5", "train.epochs=3", "attribution=none"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert (tmp_path / "envstore" / "mlflow.db").is_file()
+    assert not list((tmp_path / "outputs" / "multiruns").rglob("envstore"))
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_full_disk_is_a_clear_error_before_any_run(make_cfg, tmp_path, monkeypatch):
+    from robustsweep.pipeline import run
+
+    monkeypatch.setattr(tracking.shutil, "disk_usage", lambda p: DiskUsage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(ConfigError, match=r"paths.output_dir: only 1 MB free .* at least 200 MB"):
+        run(make_cfg())
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["run", "grid", "cliff"])
+def test_unwritable_output_dir_is_a_clear_error_at_start(tmp_path, mode):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    args = {"run": [], "grid": ["-m", "sparsity=0,0.5"], "cliff": ["-m", "search=cliff"]}[mode]
+    p = subprocess.run([sys.executable, "-m", "robustsweep", *args, "paths.output_dir=blocker/out",
+                        "tracking.uri=sqlite:///store/mlflow.db"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "paths.output_dir: cannot write to" in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "store" / "mlflow.db").exists()
