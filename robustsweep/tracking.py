@@ -148,7 +148,8 @@ def setup(cfg: DictConfig) -> str:
     uri = resolve_tracking_uri(cfg.tracking.uri)
     ensure_store(uri)
     mlflow.set_tracking_uri(uri)
-    _SET_BY_US.add(uri)
+    if not from_env:  # a URI derived from the user's variable stays the user's on the next call
+        _SET_BY_US.add(uri)
     c = Client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:

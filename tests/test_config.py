@@ -101,3 +101,23 @@ def test_imagefolder_without_test_split_is_rejected(tmp_path):
 def test_imagefolder_root_is_required():
     with pytest.raises(ConfigError, match=r"^data\.root is missing"):
         validate(compose(["data=imagefolder"]))
+
+
+def test_any_missing_value_is_named_with_how_to_set_it():
+    with pytest.raises(ConfigError, match=r"^train\.lr is missing \(\?\?\?\).*train\.lr=<value>"):
+        validate(compose(["train.lr=???"]))
+
+
+@pytest.mark.parametrize(("overrides", "ok"), [
+    (["attack=pgd", "epsilon=8/255", "attack.step_size=2/255"], True),
+    (["attack=pgd", "epsilon=8/255", "attack.step_size=8/255"], True),  # = eps: fine
+    (["attack=pgd", "epsilon=2/255", "attack.step_size=8/255"], False),
+    (["attack=pgd", "epsilon=0", "attack.step_size=2/255"], True),  # eps=0 is a control
+    (["attack=pgd", "epsilon=2/255", "attack.step_size=null"], True),
+])
+def test_pgd_step_larger_than_eps_is_refused(overrides, ok):
+    if ok:
+        validate(compose(overrides))
+    else:
+        with pytest.raises(ConfigError, match=r"attack.step_size='8/255' .* a step <= epsilon"):
+            validate(compose(overrides))

@@ -115,18 +115,33 @@ def test_relative_tracking_uri_with_job_chdir_is_one_store(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("robustsweep").experiment_id])
     assert sorted(r.data.tags.get(ROLE_TAG) for r in runs) == ["cell", "cell", "sweep"]
-    # the same holds for a relative MLFLOW_TRACKING_URI
-    env_uri = "sqlite:///envstore/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = env_uri
-    try:
-        p = subprocess.run([sys.executable, "-m", "robustsweep", "-m", "hydra.job.chdir=true",
-                            "sparsity=0,0.5", "train.epochs=3", "attribution=none"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    # The same for a relative MLFLOW_TRACKING_URI, with the jobs in joblib worker processes (in
+    # the basic launcher's single process MLflow's cached connection would hide a wrong path).
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    p = subprocess.run([sys.executable, "-m", "robustsweep", "-m", "hydra.job.chdir=true",
+                        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sparsity=0,0.5",
+                        "train.epochs=3", "attribution=none"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**env, "MLFLOW_TRACKING_URI": "sqlite:///envstore/m.db"})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert (tmp_path / "envstore" / "mlflow.db").is_file()
-    assert not list((tmp_path / "outputs" / "multiruns").rglob("envstore"))
+    dbs = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*.db"))
+    assert dbs == ["envstore/m.db", "store/mlflow.db"], dbs
+    c = MlflowClient(f"sqlite:///{tmp_path}/envstore/m.db")
+    runs = c.search_runs([c.get_experiment_by_name("robustsweep").experiment_id])
+    assert sorted(r.data.tags.get(ROLE_TAG) for r in runs) == ["cell", "cell", "sweep"]
+
+
+def test_relative_uris_resolve_against_the_launch_dir_not_the_cwd(tmp_path, monkeypatch):
+    import robustsweep.config as config_mod
+
+    job_dir = tmp_path / "outputs" / "multiruns" / "0"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)  # what hydra.job.chdir=true does to a job
+    monkeypatch.setattr(config_mod, "launch_dir", lambda: tmp_path)
+    assert tracking.resolve_tracking_uri("sqlite:///a/m.db") == f"sqlite:///{tmp_path}/a/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///b/m.db")
+    assert tracking.resolve_tracking_uri("sqlite:///a/m.db") == f"sqlite:///{tmp_path}/b/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")
+    assert tracking.resolve_tracking_uri("sqlite:///a/m.db") == "http://server:5000"
 
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
