@@ -23,7 +23,8 @@ def _workers(uri: str, n_workers: int, n_metrics: int) -> list[subprocess.Comple
     procs = [subprocess.Popen([sys.executable, "-m", "tests.store_worker", uri, f"w{i}", str(n_metrics)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(n_workers)]
-    return [subprocess.CompletedProcess(p.args, p.wait(300), *p.communicate()) for p in procs]
+    outs = [p.communicate(timeout=300) for p in procs]  # drains the pipes while waiting
+    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs, strict=True)]
 
 
 @pytest.mark.slow
