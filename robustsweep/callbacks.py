@@ -48,7 +48,6 @@ class Preflight(Callback):
 
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-
         from robustsweep import checks, tracking
         from robustsweep import sweep as sw
         from robustsweep.summary import SummaryError, write_summary
