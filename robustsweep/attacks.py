@@ -128,6 +128,15 @@ def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: st
     return dist
 
 
+def attack_checked(attack: AttackFn, x: torch.Tensor, y: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, float]:
+    """``attack(x, y)`` put through ``check_adversarial`` (in the attack's norm, with the labels
+    compared to a copy taken before the call); the adversarial batch and its distance."""
+    y_before = y.clone()
+    x_adv = attack(x, y)
+    return x_adv, check_adversarial(x, x_adv, eps, getattr(attack, "norm", "Linf"), y_before, y)
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, x_images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Class predictions for uint8 (or float [0, 1]) images, in batches."""
@@ -173,10 +182,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
              eps: float, batch_size: int, desc: str = "attack") -> EvalResult:
     """Clean predictions, then attack the correctly classified images batch by batch.
 
-    ``x_images``: uint8 (0..255) or float in [0, 1]; anything else is refused before any work."""
-    norm = getattr(attack, "norm", "Linf")
-    if x_images.dtype != torch.uint8:
-        as_pixels(x_images)  # range check once, up front
+    ``x_images``: uint8 (0..255) or float in [0, 1]; anything else is refused by ``predict``,
+    before any image is attacked."""
     with frozen(model):
         clean_pred = predict(model, x_images, batch_size)
         correct_idx = (clean_pred == y).nonzero().flatten()
@@ -185,14 +192,13 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
         for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
             idx = correct_idx[i:i + batch_size]
             x, yb = as_pixels(x_images[idx]), y[idx]
-            y_copy = yb.clone()
-            x_adv = attack(x, yb)
-            max_dist = max(max_dist, check_adversarial(x, x_adv, eps, norm, y_copy, yb))
+            x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
+            max_dist = max(max_dist, dist)
             n_batches += 1
             with torch.inference_mode():
                 p = model(x_adv).argmax(1)
             adv_pred[idx] = p
-            n_fooled += int((p != y_copy).sum())
+            n_fooled += int((p != yb).sum())
     res = EvalResult(n_eval=len(y), n_correct=len(correct_idx), n_fooled=n_fooled,
                      clean_pred=clean_pred, adv_pred=adv_pred, n_batches_checked=n_batches,
                      max_dist=max_dist)

@@ -58,7 +58,7 @@ class SweepSummaryCallback(Callback):
             return  # not swept by the validating sweeper (e.g. another sweeper): nothing to do
         info = json.loads(report.read_text())
         tracking.setup(config)
-        client = tracking.client()
+        client = tracking.Client()
         flagged = checks.check_sweep(client, parent, float(config.checks.tol))
         client.log_metric(parent, "n_suspect_eps", len(flagged))
         with tempfile.TemporaryDirectory() as tmp:

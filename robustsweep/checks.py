@@ -101,13 +101,11 @@ class SanityResult:
 
 def _fooled(model: nn.Module, attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
-    from robustsweep.attacks import check_adversarial
+    from robustsweep.attacks import attack_checked
 
-    y_copy = y.clone()
-    x_adv = attack(x, y)
-    check_adversarial(x, x_adv, eps, getattr(attack, "norm", "Linf"), y_copy, y)
+    x_adv, _ = attack_checked(attack, x, y, eps)
     with torch.inference_mode():
-        return float((model(x_adv).argmax(1) != y_copy).float().mean())
+        return float((model(x_adv).argmax(1) != y).float().mean())
 
 
 def sign_noise(eps: float, gen: torch.Generator) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -159,19 +157,21 @@ def sanity_probe(model: nn.Module, build: Callable[[float, dict[str, Any]], Call
 
 
 # ------------------------------------------------------------------------- across a sweep
-RESULT_FREE = ("paths.", "tracking.", "hydra.", "search.", "checks.")
 
 
 def eps_monotonicity(runs: Iterable[Any], tol: float) -> dict[str, str]:
     """Runs (MLflow) whose ASR is more than ``tol`` below that of a smaller eps with otherwise the
     same config: run_id -> message. Cells differing only in epsilon attack the same images of the
     same model, so a larger ball can only contain more adversarial examples."""
+    from robustsweep.sweep import NOT_RESULTS
+
+    result_free = tuple(f"{k}." for k in NOT_RESULTS)  # params of the same cell identity
     groups: dict[tuple, list[tuple[float, float, str]]] = {}
     for r in runs:
         p, m = r.data.params, r.data.metrics
         if "epsilon" not in p or "asr" not in m or math.isnan(m["asr"]):
             continue
-        key = tuple(sorted((k, v) for k, v in p.items() if k != "epsilon" and not k.startswith(RESULT_FREE)))
+        key = tuple(sorted((k, v) for k, v in p.items() if k != "epsilon" and not k.startswith(result_free)))
         groups.setdefault(key, []).append((float(p["epsilon"]), m["asr"], r.info.run_id))
     flagged: dict[str, str] = {}
     for cells in groups.values():
@@ -188,11 +188,9 @@ def eps_monotonicity(runs: Iterable[Any], tol: float) -> dict[str, str]:
 
 def check_sweep(client: Any, parent_run_id: str, tol: float) -> dict[str, str]:
     """Cross-cell checks over a sweep's FINISHED children; tags and returns the suspects."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                              f"AND attributes.status = 'FINISHED'", max_results=10000)
-    flagged = eps_monotonicity(runs, tol)
+    from robustsweep.sweep import finished_children
+
+    flagged = eps_monotonicity(finished_children(client, parent_run_id), tol)
     for run_id, why in flagged.items():
         add_suspect(client, run_id, ["asr_falls_with_eps"])
         log.warning("suspect cell %s (asr_falls_with_eps): %s", run_id, why)

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep import checks, sweep, tracking
-from robustsweep.attacks import AttackFn, build_attack, check_adversarial, evaluate, frozen
+from robustsweep.attacks import AttackFn, attack_checked, build_attack, evaluate, frozen
 from robustsweep.attribution import Attributions, integrated_gradients, plot_attributions
 from robustsweep.config import resolve_device, resolve_path, validate
 from robustsweep.data import Dataset, load_dataset, to_float
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tracking.preflight(cfg)  # writable, with room: a clear error now, not a traceback later
 
     experiment_id = tracking.setup(cfg)
-    client = tracking.client()
+    client = tracking.Client()
     cid = sweep.cell_id(cfg)
     tags = {sweep.CELL_TAG: cid, sweep.ROLE_TAG: "cell", **tracking.hydra_tags()}
     parent = sweep.parent_run_id()
@@ -230,10 +230,8 @@ def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cf
     idx = ds.showcase_idx(k)
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
     torch.manual_seed(cfg.seed)
-    y_copy = y.clone()
     with frozen(model):
-        x_adv = attack(x, y).detach()
-    check_adversarial(x, x_adv, eps, getattr(attack, "norm", "Linf"), y_copy, y)
+        x_adv = attack_checked(attack, x, y, eps)[0].detach()
     a = cfg.attribution
     attr = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline, a.internal_batch_size,
                                 max_n_steps=a.get("max_n_steps"))

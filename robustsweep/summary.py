@@ -52,12 +52,10 @@ def wilson(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
 
 def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
     """One dict per FINISHED child run: key params (typed), metrics, run id."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                              f"AND attributes.status = 'FINISHED'", max_results=10000)
+    from robustsweep.sweep import finished_children
+
     cells = []
-    for r in runs:
+    for r in finished_children(client, parent_run_id):
         p, m = r.data.params, r.data.metrics
         cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", ""),
                 "suspect": r.data.tags.get("suspect", "")}

@@ -97,6 +97,13 @@ def compose_and_validate(config_loader: Any, master_config: DictConfig,
     return cfgs, errors
 
 
+def finished_children(client: Any, parent_run_id: str, experiment_id: str | None = None) -> list[Any]:
+    """The FINISHED child runs of a parent run (a sweep's cells, a study's trials)."""
+    exp = experiment_id or client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                              f"AND attributes.status = 'FINISHED'", max_results=10000)
+
+
 def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or None
 

@@ -12,7 +12,7 @@ Several processes, one store:
 * A new SQLite store is created and migrated under a file lock (``<db>.lock``): two processes
   opening a fresh store at once otherwise race in MLflow's schema migration and one crashes.
 * Every client call retries with exponential backoff when SQLite answers "database is locked"
-  (``client()``); MLflow already waits 20 s per statement, this covers longer writers.
+  (``Client``); MLflow already waits 20 s per statement, this covers longer writers.
 """
 
 from __future__ import annotations
@@ -98,19 +98,20 @@ class Client:
         return functools.partial(retry_locked, attr) if callable(attr) else attr
 
 
-def client(tracking_uri: str | None = None) -> Client:
-    return Client(tracking_uri)
+_READY: set[str] = set()  # stores this process has opened (MLflow caches them per URI)
 
 
 def ensure_store(uri: str) -> None:
-    """Create or migrate a SQLite store under a file lock, so parallel first users don't race."""
+    """Create or migrate a SQLite store under a file lock, so parallel first users don't race.
+    Once per process and URI: afterwards MLflow's cached store is reused."""
     from filelock import FileLock
 
     db = sqlite_path(uri)
-    if db is None:
+    if db is None or uri in _READY:
         return
     with FileLock(str(db) + ".lock", timeout=600):
         Client(uri).search_experiments(max_results=1)  # builds (and caches) the migrated store
+    _READY.add(uri)
 
 
 def preflight(cfg: DictConfig) -> None:

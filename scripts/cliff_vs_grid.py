@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from mlflow.tracking import MlflowClient
 
 from robustsweep.search import Criterion, bracket
-from robustsweep.sweep import ROLE_TAG
+from robustsweep.sweep import ROLE_TAG, finished_children
 
 log = logging.getLogger("cliff_vs_grid")
 
@@ -35,8 +35,7 @@ def children(client: MlflowClient, exp: str, role: str) -> tuple[str, list]:
     if not parents:
         raise SystemExit(f"no {role} parent run in the store")
     pid = parents[0].info.run_id
-    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}' AND attributes.status = "
-                              f"'FINISHED'", max_results=5000)
+    runs = finished_children(client, pid, exp)
     rows = sorted(((float(r.data.params["sparsity"]), r.data.metrics) for r in runs), key=lambda x: x[0])
     return pid, rows
 

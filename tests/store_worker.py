@@ -15,7 +15,7 @@ from robustsweep import tracking
 def main(uri: str, name: str, n: int) -> None:
     cfg = OmegaConf.create({"tracking": {"uri": uri, "experiment": "stress", "artifact_dir": None}})
     exp = tracking.setup(cfg)
-    client = tracking.client(uri)
+    client = tracking.Client(uri)
     run = client.create_run(exp, run_name=name)
     for step in range(n):
         client.log_metric(run.info.run_id, "m", float(step), step=step)

@@ -81,7 +81,7 @@ def test_locked_database_is_retried_other_errors_are_not(monkeypatch):
 def test_client_methods_go_through_the_retry(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(tracking, "retry_locked", lambda fn, *a, **k: seen.append(fn.__name__) or fn(*a, **k))
-    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    c = tracking.Client(f"sqlite:///{tmp_path}/m.db")
     c.search_experiments()
     assert seen == ["search_experiments"]
 

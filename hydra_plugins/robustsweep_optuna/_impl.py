@@ -237,7 +237,7 @@ class OptunaSweeperImpl(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         experiment_id = tracking.setup(plan["ref_cfg"])
-        client = tracking.client()
+        client = tracking.Client()
         parent = sw.get_or_create_parent(
             client, experiment_id, sw.sweep_id([study.study_name, plan["storage_desc"]], "optuna"),
             name=f"study {study.study_name}"[:250], role="study",

@@ -65,7 +65,7 @@ class ValidatingSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         experiment_id = tracking.setup(cfgs[0])
-        client = tracking.client()
+        client = tracking.Client()
         ids = [sw.cell_id(c) for c in cfgs]
         resume = bool(cfgs[0].tracking.get("resume", True))
         done = sw.finished_cells(client, experiment_id, ids) if resume else {}
