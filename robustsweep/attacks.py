@@ -1,4 +1,4 @@
-"""Attacks (torchattacks) and the evaluation that turns them into clean/robust accuracy and ASR.
+"""Attacks and the evaluation that turns them into clean/robust accuracy and ASR.
 
 Definitions (n = evaluation images, c = images the model classifies correctly when clean):
   clean_acc  = c / n
@@ -10,6 +10,10 @@ The model is in eval mode with parameters frozen throughout: BatchNorm statistic
 no parameter gradients are computed. Every adversarial batch is checked (``check_adversarial``):
 inside the eps-ball in the attack's norm (+1e-6), in [0, 1], same shape, labels untouched; a
 violation stops the run. Float inputs outside [0, 1] are refused before anything is attacked.
+
+FGSM and PGD are written here rather than taken from torchattacks because a sweep needs two
+things it lacks: FGSM's direction reused across eps, and PGD that stops attacking an image once it
+is fooled. Without those options both compute exactly what torchattacks does (tested bit for bit).
 
 Adding an attack: one YAML in conf/attack/ with ``name: <yours>`` and one function here decorated
 with ``@register_attack("<yours>")`` returning ``f(images, labels) -> adversarial images`` (give the
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torchattacks
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -46,21 +50,103 @@ def no_attack(model: nn.Module, eps: float, **_: object) -> AttackFn:
     return lambda x, y: x
 
 
+class FGSM:
+    """FGSM, Goodfellow et al. 2015, arXiv:1412.6572: one signed-gradient step of size eps,
+    x_adv = clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1).
+
+    ``torchattacks.FGSM``'s computation (tests compare the two bit for bit), split in two because
+    the sign does not depend on eps: ``direction(x, y)`` is one forward + input-gradient per image,
+    and ``step(x, direction)`` is free. A sweep computes the direction once per model and images
+    and reuses it for every eps (``evaluate(..., direction=...)``; pipeline.py caches it).
+    """
+
+    norm = "Linf"
+
+    def __init__(self, model: nn.Module, eps: float) -> None:
+        self.model, self.eps = model, eps
+        self.n_grad = 0  # images that went through forward + input-gradient (work done)
+
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sign(grad_x loss) as int8 in {-1, 0, 1}: 1 byte per pixel, a quarter of float32."""
+        x = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(self.model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+        self.n_grad += len(x)
+        return grad.sign().to(torch.int8)
+
+    def step(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x.detach() + self.eps * direction.to(x.dtype), min=0, max=1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.step(x, self.direction(x, y))
+
+
+class PGD:
+    """L-inf PGD, Madry et al. 2018, arXiv:1706.06083: from a uniform random start in the ball,
+    ``steps`` signed-gradient steps of size ``alpha``, each projected onto the ball and [0, 1].
+
+    With ``early_stop=False`` this is ``torchattacks.PGD``'s computation, random start included
+    (tests compare the two bit for bit). With ``early_stop=True`` an image leaves the batch at the
+    first iterate the model misclassifies, and that iterate is its result: the attack has found
+    an adversarial example inside the ball, which is what ASR counts. ASR is then "fooled at some
+    iterate" (>= the last-iterate ASR, equal to "fooled at any iterate" of the full attack: tested),
+    and on an undefended model most images leave after one or two steps.
+    """
+
+    norm = "Linf"
+
+    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int,
+                 random_start: bool = True, early_stop: bool = False) -> None:
+        self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
+        self.random_start, self.early_stop = random_start, early_stop
+        self.n_grad = 0  # images that went through forward + input-gradient (work done)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        adv = x.clone()
+        if self.random_start:
+            adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-self.eps, self.eps), min=0, max=1)
+        active = None  # indices still attacked; None = all (the early_stop=False path, no copies)
+        for _ in range(self.steps):
+            xa = (adv if active is None else adv[active]).requires_grad_(True)
+            ya = y if active is None else y[active]
+            logits = self.model(xa)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, ya), xa)
+            self.n_grad += len(xa)
+            xa = xa.detach()
+            if self.early_stop:
+                going = logits.detach().argmax(1) == ya  # not yet fooled: keep attacking
+                active = (torch.arange(len(x), device=x.device) if active is None else active)[going]
+                xa, grad = xa[going], grad[going]
+                if len(active) == 0:
+                    break
+            x0 = x if active is None else x[active]
+            step = xa + self.alpha * grad.sign()
+            new = torch.clamp(x0 + torch.clamp(step - x0, min=-self.eps, max=self.eps), min=0, max=1)
+            if active is None:
+                adv = new
+            else:
+                adv = adv.detach()
+                adv[active] = new
+        return adv.detach()
+
+
 @register_attack("fgsm")
-def fgsm(model: nn.Module, eps: float, **_: object) -> AttackFn:
-    """FGSM, Goodfellow et al. 2015, arXiv:1412.6572: one signed-gradient step of size eps."""
-    return torchattacks.FGSM(model, eps=eps)
+def fgsm(model: nn.Module, eps: float, **_: object) -> FGSM:
+    """FGSM (see ``FGSM``)."""
+    return FGSM(model, eps)
 
 
 @register_attack("pgd")
 def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
-        random_start: bool = True, **_: object) -> AttackFn:
-    """L-inf PGD, Madry et al. 2018, arXiv:1706.06083.
+        random_start: bool = True, early_stop: bool = False, **_: object) -> PGD:
+    """L-inf PGD (see ``PGD``).
 
     ``step_size=None`` uses 2.5 * eps / steps (Madry et al.'s rule), so it scales with eps.
     """
     alpha = step_size if step_size is not None else 2.5 * eps / steps
-    return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    return PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+               early_stop=early_stop)
 
 
 def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, **overrides: object) -> AttackFn:
@@ -154,6 +240,8 @@ class EvalResult:
     adv_pred: torch.Tensor  # (n_eval,): = clean_pred where not attacked (clean-wrong images)
     n_batches_checked: int = 0  # adversarial batches that passed check_adversarial
     max_dist: float = 0.0  # largest perturbation norm seen (<= eps + 1e-6 by the guard)
+    n_grad: int = 0  # images through forward + input-gradient (0 when a FGSM direction was reused)
+    direction: torch.Tensor | None = None  # FGSM only: int8 signs of the n_correct attacked images
 
     @property
     def clean_acc(self) -> float:
@@ -179,29 +267,48 @@ def as_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torch.Tensor,
-             eps: float, batch_size: int, desc: str = "attack") -> EvalResult:
+             eps: float, batch_size: int, desc: str = "attack", *, clean_pred: torch.Tensor | None = None,
+             direction: torch.Tensor | None = None) -> EvalResult:
     """Clean predictions, then attack the correctly classified images batch by batch.
 
     ``x_images``: uint8 (0..255) or float in [0, 1]; anything else is refused by ``predict``,
-    before any image is attacked."""
+    before any image is attacked. ``clean_pred``: this model's predictions on these images, if
+    already known. ``direction``: for ``FGSM``, the int8 signs of an earlier evaluation of the same
+    model and images (``EvalResult.direction``), so that another eps costs no gradient."""
     with frozen(model):
-        clean_pred = predict(model, x_images, batch_size)
+        if clean_pred is None:
+            clean_pred = predict(model, x_images, batch_size)
         correct_idx = (clean_pred == y).nonzero().flatten()
+        if direction is not None and (not isinstance(attack, FGSM) or len(direction) != len(correct_idx)):
+            raise ValueError(f"direction: {len(direction)} FGSM signs given for {len(correct_idx)} "
+                             f"correct images and attack {type(attack).__name__}; allowed: the "
+                             f"EvalResult.direction of the same model and images, with FGSM")
+        keep_direction = isinstance(attack, FGSM)
+        directions: list[torch.Tensor] = []
         adv_pred = clean_pred.clone()
-        n_fooled, n_batches, max_dist = 0, 0, 0.0
+        n_fooled, n_batches, max_dist, n_grad0 = 0, 0, 0.0, getattr(attack, "n_grad", 0)
         for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
             idx = correct_idx[i:i + batch_size]
             x, yb = as_pixels(x_images[idx]), y[idx]
-            x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
+            if keep_direction:
+                d = direction[i:i + batch_size] if direction is not None else attack.direction(x, yb)
+                directions.append(d)
+                x_adv, dist = attack_checked(lambda xb, _, d=d: attack.step(xb, d), x, yb, eps)
+            else:
+                x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
             max_dist = max(max_dist, dist)
             n_batches += 1
             with torch.inference_mode():
                 p = model(x_adv).argmax(1)
             adv_pred[idx] = p
             n_fooled += int((p != yb).sum())
+    if keep_direction:
+        direction = torch.cat(directions) if directions else \
+            torch.empty((0, *x_images.shape[1:]), dtype=torch.int8, device=x_images.device)
     res = EvalResult(n_eval=len(y), n_correct=len(correct_idx), n_fooled=n_fooled,
                      clean_pred=clean_pred, adv_pred=adv_pred, n_batches_checked=n_batches,
-                     max_dist=max_dist)
+                     max_dist=max_dist, n_grad=getattr(attack, "n_grad", 0) - n_grad0,
+                     direction=direction if keep_direction else None)
     if res.n_correct == 0:
         log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
                     res.n_eval)

@@ -99,6 +99,23 @@ class ChecksConfig:
     tol: float = 0.05  # ASR slack for PGD >= FGSM and for "ASR does not fall as eps grows"
 
 
+class Amp(Enum):
+    none = "none"  # float32 throughout
+    bf16 = "bf16"  # bfloat16 autocast for attacks and evaluation (IG stays float32)
+
+
+@dataclass
+class PerfConfig:
+    """How fast, never what: results are the same with any of these (amp aside; see README
+    "Performance"). ``perf.amp`` is part of a cell's identity, the rest is not."""
+
+    # Share across the jobs of one process what does not depend on the cell: pruned models,
+    # clean predictions, FGSM directions, clean IG maps (robustsweep.reuse); all keyed by content.
+    reuse: bool = True
+    amp: Amp = Amp.none
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per shape
+
+
 @dataclass
 class Config:
     """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
@@ -117,6 +134,7 @@ class Config:
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -174,6 +192,18 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
         key, value, "an integer > 0",
     )
+
+
+# Images per attack batch for attack.batch_size=auto (measured, README "Performance"): a 2-core CPU
+# runs forward + input-gradient fastest at 64-128 (and 500 holds ~2.4 GB of activations for
+# ResNet-20); a GPU needs large batches to fill.
+AUTO_BATCH = {"cpu": 128, "cuda": 1024}
+
+
+def attack_batch_size(cfg: DictConfig, device: torch.device) -> int:
+    """``attack.batch_size``, with ``auto`` resolved for ``device``."""
+    bs = cfg.attack.batch_size
+    return AUTO_BATCH.get(device.type, 128) if bs == "auto" else int(bs)
 
 
 def resolve_path(path: str | os.PathLike[str], base: Path | None = None) -> Path:
@@ -278,9 +308,14 @@ def validate(cfg: DictConfig) -> DictConfig:
            list(cfg.prune.layers), "a non-empty subset of [conv, linear]")
 
     _check(cfg.attack.name in ATTACKS, "attack.name", cfg.attack.name, ", ".join(sorted(ATTACKS)))
-    _positive_int(cfg, "attack.batch_size")
+    if cfg.attack.batch_size != "auto":
+        bs = cfg.attack.batch_size
+        _check(isinstance(bs, int) and not isinstance(bs, bool) and bs > 0, "attack.batch_size", bs,
+               "auto (128 on CPU, 1024 on CUDA) or an integer > 0")
     if cfg.attack.name == "pgd":
         _positive_int(cfg, "attack.steps")
+        _check(isinstance(cfg.attack.get("early_stop", False), bool), "attack.early_stop",
+               cfg.attack.get("early_stop"), "true or false")
         step = cfg.attack.step_size
         if step is not None:
             allowed = "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1], e.g. 2/255"

@@ -6,7 +6,9 @@ and eps always work on [0, 1] pixels. Decoding happens once per process per data
 (``functools.lru_cache``): the jobs of a multirun share it.
 
 Adding a dataset: one YAML in conf/data/ with ``name: <yours>`` and one function here decorated
-with ``@register_dataset("<yours>")`` that returns ``(x_train, y_train, x_test, y_test, classes)``.
+with ``@register_dataset("<yours>")`` that returns ``(x_train, y_train, x_test, y_test, classes)``
+(or ``(f, None, x_test, y_test, classes)`` with ``f() -> (x_train, y_train)`` to decode the
+training split only when something trains).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,29 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 class Dataset:
     name: str
     classes: list[str]
-    x_train: torch.Tensor  # uint8 (N, C, H, W)
-    y_train: torch.Tensor  # int64 (N,)
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    mean: tuple[float, ...]  # per channel, [0, 1] units
-    std: tuple[float, ...]
+    x_test: torch.Tensor  # uint8 (N, C, H, W)
+    y_test: torch.Tensor  # int64 (N,)
     eval_idx: torch.Tensor  # indices into the test split: the fixed evaluation subset
+    # The training split and its statistics are only needed to train: decoded on first use, so a
+    # sweep over a cached baseline never decodes CIFAR-10's 50k training JPEGs (~6 s).
+    _train: Callable[[], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    _stats: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]] = field(repr=False)
+
+    @property
+    def x_train(self) -> torch.Tensor:  # uint8 (N, C, H, W)
+        return self._train()[0]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self._train()[1]
+
+    @property
+    def mean(self) -> tuple[float, ...]:  # per channel, [0, 1] units
+        return self._stats()[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._stats()[1]
 
     @property
     def x_eval(self) -> torch.Tensor:
@@ -144,11 +162,13 @@ def _imagefolder(cfg: DictConfig) -> Arrays:
         raise ConfigError(f"data.root={str(cfg.root)!r}: test/ classes {te_classes} differ from "
                           f"train/ classes {classes}")
     label = {c: i for i, c in enumerate(classes)}
-    x_tr = _decode(tr_files, cfg.size, cfg.channels, "decode train")
     x_te = _decode(te_files, cfg.size, cfg.channels, "decode test")
-    y_tr = np.array([label[f.parent.name] for f in tr_files], np.int64)
     y_te = np.array([label[f.parent.name] for f in te_files], np.int64)
-    return x_tr, y_tr, x_te, y_te, classes
+
+    def train() -> tuple[np.ndarray, np.ndarray]:  # decoded only if something trains (or needs stats)
+        return (_decode(tr_files, cfg.size, cfg.channels, "decode train"),
+                np.array([label[f.parent.name] for f in tr_files], np.int64))
+    return train, None, x_te, y_te, classes
 
 
 def check_data_config(cfg: DictConfig) -> None:
@@ -184,18 +204,34 @@ def check_data_config(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------- facade
+def _checked(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise ConfigError(f"data.name={name!r}: the loader returned {x.dtype} images; allowed: "
+                          f"uint8 pixels in [0, 255] (normalisation happens inside the model)")
+    return x
+
+
 @functools.lru_cache(maxsize=4)
-def _load_cpu(key: str) -> tuple[Arrays, tuple[float, ...], tuple[float, ...]]:
+def _load_cpu(key: str) -> tuple[np.ndarray, np.ndarray, list[str], Callable[[], tuple[np.ndarray, np.ndarray]],
+                                 Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]]:
+    """Test split now; training split and its per-channel statistics when first asked for."""
     cfg = OmegaConf.create(key)
-    arrays = DATASETS[cfg.name](cfg)
-    if arrays[0].dtype != np.uint8 or arrays[2].dtype != np.uint8:
-        raise ConfigError(f"data.name={cfg.name!r}: the loader returned {arrays[0].dtype} images; "
-                          f"allowed: uint8 pixels in [0, 255] (normalisation happens inside the model)")
-    # Per-channel statistics of the training split unless the config fixes them.
-    m, sd = channel_stats(arrays[0])
-    mean = tuple(cfg.mean) if cfg.get("mean") else m
-    std = tuple(cfg.std) if cfg.get("std") else sd
-    return arrays, mean, std
+    x_tr, y_tr, x_te, y_te, classes = DATASETS[cfg.name](cfg)
+    _checked(x_te, cfg.name)
+
+    @functools.cache
+    def train() -> tuple[np.ndarray, np.ndarray]:
+        x, y = x_tr() if callable(x_tr) else (x_tr, y_tr)
+        return _checked(x, cfg.name), y
+
+    @functools.cache
+    def stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if cfg.get("mean") and cfg.get("std"):  # fixed by the config: nothing to decode
+            return tuple(cfg.mean), tuple(cfg.std)
+        m, sd = channel_stats(train()[0])
+        return (tuple(cfg.mean) if cfg.get("mean") else m), (tuple(cfg.std) if cfg.get("std") else sd)
+
+    return x_te, y_te, classes, train, stats
 
 
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -224,10 +260,29 @@ def identity(cfg: DictConfig) -> dict:
     return keep
 
 
+# (id of a decoded array, device) -> (that array, its copy on the device). Holding the array keeps
+# its id from being reused; keyed by the array itself, so a re-decode is never shadowed.
+_ON_DEVICE: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def _on_device(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """``arr`` on ``dev``, copied once per process (on CUDA, CIFAR-10 would be 180 MB per job)."""
+    if dev.type == "cpu":
+        return torch.from_numpy(arr)  # no copy
+    k = (id(arr), str(dev))
+    if k not in _ON_DEVICE:
+        if len(_ON_DEVICE) >= 16:  # 4 datasets' splits at most
+            _ON_DEVICE.clear()
+        _ON_DEVICE[k] = (arr, torch.from_numpy(arr).to(dev))
+    return _ON_DEVICE[k][1]
+
+
 def load_dataset(cfg: DictConfig, device: torch.device | str = "cpu") -> Dataset:
-    """Decode (once per process) and move to ``device`` as uint8; pick the eval subset."""
+    """Decode (once per process) and move to ``device`` as uint8; pick the eval subset.
+
+    The training split is decoded and moved on first access (``ds.x_train``, ``ds.mean``)."""
     key = OmegaConf.to_yaml(OmegaConf.create({**identity(cfg), "download": cfg.get("download")}))
-    (x_tr, y_tr, x_te, y_te, classes), mean, std = _load_cpu(key)
+    x_te, y_te, classes, train, stats = _load_cpu(key)
     n_test = len(x_te)
     n_eval = cfg.get("n_eval") or n_test
     if n_eval > n_test:
@@ -237,12 +292,16 @@ def load_dataset(cfg: DictConfig, device: torch.device | str = "cpu") -> Dataset
     g = torch.Generator().manual_seed(int(cfg.get("subset_seed", 0)))
     eval_idx = torch.randperm(n_test, generator=g)[:n_eval].sort().values
     dev = torch.device(device)
+
+    def train_on_device() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = train()
+        return _on_device(x, dev), _on_device(y, dev)
+
     ds = Dataset(
         name=cfg.name, classes=classes,
-        x_train=torch.from_numpy(x_tr).to(dev), y_train=torch.from_numpy(y_tr).to(dev),
-        x_test=torch.from_numpy(x_te).to(dev), y_test=torch.from_numpy(y_te).to(dev),
-        mean=mean, std=std, eval_idx=eval_idx.to(dev),
+        x_test=_on_device(x_te, dev), y_test=_on_device(y_te, dev),
+        eval_idx=eval_idx.to(dev), _train=train_on_device, _stats=stats,
     )
-    log.info("data %s: %d train / %d test images of shape %s, eval subset %d",
-             cfg.name, len(x_tr), n_test, ds.shape, n_eval)
+    log.info("data %s: %d test images of shape %s, eval subset %d (training split: decoded when "
+             "needed)", cfg.name, n_test, ds.shape, n_eval)
     return ds

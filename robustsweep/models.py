@@ -33,6 +33,33 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+class Autocast(nn.Module):
+    """``forward`` under ``torch.autocast(dtype)``, float32 logits out (perf.amp=bf16).
+
+    Convolutions and matmuls run in bfloat16; the input, the loss and the input-gradient an
+    attack takes stay float32, so eps, clipping and the guards are unchanged. The wrapped model's
+    parameters are shared, not copied.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def with_amp(model: nn.Module, amp: str) -> nn.Module:
+    """``model`` itself for amp="none", an ``Autocast`` wrapper for "bf16"."""
+    amp = getattr(amp, "value", amp)
+    if amp == "none":
+        return model
+    if amp == "bf16":
+        return Autocast(model, torch.bfloat16)
+    raise ValueError(f"perf.amp={amp!r} is not valid; allowed: none, bf16")
+
+
 @register_model("small_cnn")
 def small_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 32,
               **_: object) -> nn.Module:

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep import checks, sweep, tracking
-from robustsweep.attacks import AttackFn, attack_checked, build_attack, evaluate, frozen
+from robustsweep import checks, reuse, sweep, tracking
+from robustsweep.attacks import FGSM, AttackFn, attack_checked, build_attack, evaluate, frozen
 from robustsweep.attribution import Attributions, integrated_gradients, plot_attributions
-from robustsweep.config import resolve_device, resolve_path, validate
+from robustsweep.config import attack_batch_size, resolve_device, resolve_path, validate
 from robustsweep.data import Dataset, load_dataset, to_float
+from robustsweep.models import with_amp
 from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
 from robustsweep.train import get_baseline, train_model
 
@@ -40,8 +41,19 @@ SANITY_METRICS = ("sanity_n_probe", "sanity_asr_eps0", "sanity_asr_noise", "sani
 # Everything run() returns (ig_* only with attribution on, sanity_* with checks.sanity): what a
 # sweeper may optimise.
 RETURNED_METRICS = (*METRIC_NAMES, "n_fooled", "baseline_test_acc", "n_pred_classes", "attack_s",
-                    "ig_s", "job_s", "mlflow_s", "guard_n_batches", "guard_max_dist", "ig_n_steps",
-                    "ig_n_incomplete", *SANITY_METRICS, "sanity_s")
+                    "attack_n_grad", "ig_s", "job_s", "mlflow_s", "guard_n_batches", "guard_max_dist",
+                    "ig_n_steps", "ig_n_incomplete", *SANITY_METRICS, "sanity_s", "peak_rss_mb",
+                    "cuda_peak_mb")
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process so far (MB), and peak CUDA memory allocated by torch."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 @contextlib.contextmanager
@@ -101,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # One batched call for metrics + tags, one for the artifact folder.
         t_mlflow = time.perf_counter()
         metrics["job_s"] = time.perf_counter() - t_start
+        metrics.update(peak_memory_mb(resolve_device(cfg.device)))
         now = int(time.time() * 1000)
         client.log_batch(
             active.info.run_id,
@@ -134,13 +147,48 @@ def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, flo
     where the dense baseline came from (trained / cache / checkpoint), the model's hash, and
     ``suspect`` when a sanity check failed (robustsweep.checks)."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.perf.cudnn_benchmark)
     eps = float(cfg.epsilon)
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     ds = load_dataset(cfg.data, device)
-    model, base = get_baseline(cfg, ds, device, out_dir / "cache" / "baselines")
+    model, base, sparsity, model_hash = _pruned_model(cfg, ds, device, out_dir)
 
+    # Attacking and attributing must leave the pruned model bit-identical (checked by hash).
+    with checks.unchanged(model, "attacking and attributing", before=model_hash):
+        try:
+            metrics, suspect = _attack_and_attribute(model, model_hash, ds, cfg, eps, sparsity, stage)
+        except BaseException:
+            reuse.PRUNED.drop(reuse.pruned_key(cfg, device))  # whatever happened, rebuild next time
+            raise
+    metrics["baseline_test_acc"] = float(base["test_acc"])
+    tags = {"robustsweep.baseline": base["source"], "robustsweep.model_sha256": model_hash,
+            "robustsweep.checks": "guards passed: input range, adversarial batches, model unchanged"}
+    if suspect:
+        tags[checks.SUSPECT_TAG] = ",".join(sorted(suspect))
+        for r in sorted(suspect):
+            log.warning("suspect cell (%s): %s", r, checks.REASONS[r])
+    return metrics, tags
+
+
+def _pruned_model(cfg: DictConfig, ds: Dataset, device: torch.device,
+                  out_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], float, str]:
+    """The pruned model in eval mode, its baseline's info, measured sparsity and state hash:
+    from this process's cache (robustsweep.reuse) when an earlier job built the same one."""
+    key = reuse.pruned_key(cfg, device)
+    hit = reuse.PRUNED.get(key)
+    if hit is not None:
+        model, base, sparsity, model_hash = hit
+        if checks.state_hash(model) == model_hash:
+            log.info("reusing the pruned model of an earlier job (%s, sparsity %.4f)",
+                     cfg.prune.method, sparsity)
+            return model, {**base, "source": f"{base['source']}+reused"}, sparsity, model_hash
+        log.warning("a cached pruned model has changed since it was built: rebuilding it")
+        reuse.PRUNED.drop(key)
+
+    model, base = get_baseline(cfg, ds, device, out_dir / "cache" / "baselines")
     # ---- prune (optionally fine-tune with the masks in place), then make it permanent
     targets = apply_pruning(model, cfg.prune.method, cfg.sparsity, cfg.prune.layers,
                             cfg.prune.get("exclude") or (), seed=cfg.seed)
@@ -154,33 +202,39 @@ def _compute(cfg: DictConfig, stage: Path, out_dir: Path) -> tuple[dict[str, flo
         log.warning("prune.method=none: sparsity=%s is ignored (measured %.4f)", cfg.sparsity, sparsity)
     log.info("pruned %d tensors with %s to measured sparsity %.4f (asked %.4f)",
              len(targets), cfg.prune.method, sparsity, cfg.sparsity)
-
-    # Attacking and attributing must leave the pruned model bit-identical (checked by hash).
-    with checks.unchanged(model, "attacking and attributing") as model_hash:
-        metrics, suspect = _attack_and_attribute(model, ds, cfg, eps, sparsity, stage)
-    metrics["baseline_test_acc"] = float(base["test_acc"])
-    tags = {"robustsweep.baseline": base["source"], "robustsweep.model_sha256": model_hash,
-            "robustsweep.checks": "guards passed: input range, adversarial batches, model unchanged"}
-    if suspect:
-        tags[checks.SUSPECT_TAG] = ",".join(sorted(suspect))
-        for r in sorted(suspect):
-            log.warning("suspect cell (%s): %s", r, checks.REASONS[r])
-    return metrics, tags
+    model_hash = checks.state_hash(model)
+    info = {"source": base["source"], "test_acc": base["test_acc"]}
+    reuse.PRUNED.put(key, (model, info, sparsity, model_hash))
+    return model, base, sparsity, model_hash
 
 
-def _attack_and_attribute(model: torch.nn.Module, ds: Dataset, cfg: DictConfig, eps: float,
-                          sparsity: float, stage: Path) -> tuple[dict[str, float], set[str]]:
+def _attack_and_attribute(model: torch.nn.Module, model_hash: str, ds: Dataset, cfg: DictConfig,
+                          eps: float, sparsity: float, stage: Path) -> tuple[dict[str, float], set[str]]:
     """Attack the eval subset, run the sanity probe, attribute; the metrics and suspect reasons."""
-    # ---- attack
+    # ---- attack (bf16 autocast when perf.amp says so; the hash guard watches the shared weights)
+    fast = with_amp(model, cfg.perf.amp)
     torch.manual_seed(cfg.seed)  # PGD's random start
     t0 = time.perf_counter()
-    attack = build_attack(model, eps, cfg.attack)
-    res = evaluate(model, attack, ds.x_eval, ds.y_eval, eps, cfg.attack.batch_size,
-                   desc=f"{cfg.attack.name} eps={eps * 255:.3g}/255")
+    attack = build_attack(fast, eps, cfg.attack)
+    batch = attack_batch_size(cfg, ds.x_eval.device)
+    key = reuse.images_key(cfg, model_hash)
+    # FGSM's loss is a batch mean: the sign is the same at any batch size, short of underflow to 0
+    dkey = reuse.images_key(cfg, model_hash, "fgsm", batch)
+    clean_pred = reuse.CLEAN_PRED.get(key)
+    direction = reuse.FGSM_DIRECTION.get(dkey) if isinstance(attack, FGSM) else None
+    res = evaluate(fast, attack, ds.x_eval, ds.y_eval, eps, batch,
+                   desc=f"{cfg.attack.name} eps={eps * 255:.3g}/255", clean_pred=clean_pred,
+                   direction=direction)
+    reuse.CLEAN_PRED.put(key, res.clean_pred)
+    if res.direction is not None:
+        reuse.FGSM_DIRECTION.put(dkey, res.direction)
     metrics: dict[str, float] = {
         "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
         "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
         "sparsity_measured": sparsity, "attack_s": time.perf_counter() - t0,
+        # Work done: images through forward + input-gradient (0 for FGSM with a reused direction;
+        # below n_correct * steps for PGD with early_stop).
+        "attack_n_grad": res.n_grad,
         "guard_n_batches": res.n_batches_checked, "guard_max_dist": res.max_dist,
         # A collapsed model predicts one class: its ASR says nothing about robustness.
         "n_pred_classes": int(res.clean_pred.unique().numel()),
@@ -202,10 +256,22 @@ def _attack_and_attribute(model: torch.nn.Module, ds: Dataset, cfg: DictConfig, 
         # The cell's own attack already ran on these images: reuse its result.
         own = {cfg.attack.name: float((res.adv_pred[idx] != y_probe).float().mean())} \
             if cfg.attack.name in ("fgsm", "pgd") else {}
+        own_attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items()
+                      if k != "batch_size"}
+
+        def memo(check: str, e: float, overrides: dict[str, Any], compute: Any) -> float:
+            # What this check attacks with: the cell's attack settings under the overrides.
+            key = reuse.images_key(cfg, model_hash, "sanity", check, e, cfg.seed, len(idx),
+                                   {**own_attack, **overrides} if check != "noise" else {})
+            if (v := reuse.SANITY.get(key)) is None:
+                reuse.SANITY.put(key, v := compute())
+            return v
+
         with frozen(model):
             sanity = checks.sanity_probe(
-                model, lambda e, o: build_attack(model, e, cfg.attack, **o), cfg.attack.name,
-                to_float(ds.x_eval[idx]), y_probe, eps, cfg.checks.tol, seed=cfg.seed, known=own)
+                fast, lambda e, o: build_attack(fast, e, cfg.attack, **o), cfg.attack.name,
+                to_float(ds.x_eval[idx]), y_probe, eps, cfg.checks.tol, seed=cfg.seed, known=own,
+                memo=memo)
         metrics.update(sanity.metrics())
         metrics["sanity_s"] = time.perf_counter() - t0
         suspect.update(sanity.reasons)
@@ -214,7 +280,7 @@ def _attack_and_attribute(model: torch.nn.Module, ds: Dataset, cfg: DictConfig, 
     k = min(cfg.attribution.n_images, res.n_eval)
     if k > 0:
         t0 = time.perf_counter()
-        attr = _attribute(model, attack, ds, k, cfg, eps, sparsity, stage / "ig")
+        attr = _attribute(model, model_hash, attack, ds, k, cfg, eps, sparsity, stage / "ig")
         metrics.update(ig_delta=attr.mean_abs_delta, ig_n_steps=attr.n_steps,
                        ig_n_incomplete=attr.n_incomplete, ig_s=time.perf_counter() - t0)
         if attr.n_incomplete:
@@ -222,25 +288,27 @@ def _attack_and_attribute(model: torch.nn.Module, ds: Dataset, cfg: DictConfig, 
     return metrics, suspect
 
 
-def _attribute(model: torch.nn.Module, attack: AttackFn, ds: Dataset, k: int, cfg: DictConfig,
-               eps: float, sparsity: float, out: Path) -> Attributions:
+def _attribute(model: torch.nn.Module, model_hash: str, attack: AttackFn, ds: Dataset, k: int,
+               cfg: DictConfig, eps: float, sparsity: float, out: Path) -> Attributions:
     """IG on k fixed images, clean and attacked; write figure + raw arrays."""
-    import matplotlib.pyplot as plt
-
     idx = ds.showcase_idx(k)
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
     torch.manual_seed(cfg.seed)
     with frozen(model):
         x_adv = attack_checked(attack, x, y, eps)[0].detach()
     a = cfg.attribution
-    attr = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline, a.internal_batch_size,
-                                max_n_steps=a.get("max_n_steps"))
+    # The clean half does not depend on the attack or eps: one per model and images.
+    key = reuse.images_key(cfg, model_hash, "ig", OmegaConf.to_container(a, resolve=True),
+                           idx.tolist())
+    attr, clean = integrated_gradients(model, x, x_adv, y, idx, a.n_steps, a.baseline,
+                                       a.internal_batch_size, max_n_steps=a.get("max_n_steps"),
+                                       clean=reuse.IG_CLEAN.get(key))
+    reuse.IG_CLEAN.put(key, clean)
     fig = plot_attributions(
         attr, ds.classes,
         f"{cfg.model.name} {cfg.prune.method} sparsity {sparsity:.2f} | {cfg.attack.name} "
         f"eps {eps * 255:.3g}/255 | IG {attr.n_steps} steps, {a.baseline} baseline")
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "ig_maps.png", dpi=110)
-    plt.close(fig)
     attr.save_npz(str(out / "attributions.npz"))
     return attr

@@ -44,6 +44,11 @@ def cell_id(cfg: DictConfig) -> str:
     for k in NOT_RESULTS:
         c.pop(k, None)
     c["epsilon"] = parse_epsilon(c["epsilon"])  # "8/255" and 0.0313725... are the same cell
+    # perf.* changes how fast, not what: only amp (bf16 arithmetic) can change a result.
+    perf = c.pop("perf", None) or {}
+    amp = getattr(perf.get("amp"), "value", perf.get("amp")) or "none"
+    if amp != "none":
+        c["perf"] = {"amp": amp}
     c = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 

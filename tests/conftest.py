@@ -29,6 +29,14 @@ def _no_user_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_reuse_caches() -> None:
+    """Each test starts without models or predictions cached by an earlier one (robustsweep.reuse)."""
+    from robustsweep import reuse
+
+    reuse.clear()
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path):
     def _make(*overrides: str) -> DictConfig:

@@ -17,7 +17,7 @@ def _attr(digits_model, k=3, n_steps=64):
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
     with frozen(model):
         x_adv = build_attack(model, 0.1, OmegaConf.create({"name": "fgsm", "batch_size": 8}))(x, y)
-    return integrated_gradients(model, x, x_adv, y, idx, n_steps, "black", 64), model, x, y
+    return integrated_gradients(model, x, x_adv, y, idx, n_steps, "black", 64)[0], model, x, y
 
 
 def test_ig_completeness(digits_model):

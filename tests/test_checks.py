@@ -174,9 +174,9 @@ def test_state_hash_sees_every_tensor_kind(digits_model):
 def test_ig_doubles_n_steps_until_complete_and_counts_what_is_not(digits_model):
     model, ds, _ = digits_model
     x, y = to_float(ds.x_eval[:6]), ds.y_eval[:6]
-    low = integrated_gradients(model, x, x, y, torch.arange(6), 2, "black", 64)  # no doubling
+    low, _ = integrated_gradients(model, x, x, y, torch.arange(6), 2, "black", 64)  # no doubling
     assert low.n_steps == 2 and low.n_incomplete > 0
-    fixed = integrated_gradients(model, x, x, y, torch.arange(6), 2, "black", 64, max_n_steps=1024)
+    fixed, _ = integrated_gradients(model, x, x, y, torch.arange(6), 2, "black", 64, max_n_steps=1024)
     assert fixed.n_steps > 2 and fixed.n_incomplete == 0
     with torch.no_grad():
         gap = model(x).gather(1, y[:, None])[:, 0] - model(torch.zeros_like(x)).gather(1, y[:, None])[:, 0]

@@ -57,6 +57,21 @@ def test_imagefolder_tree_is_decoded_resized_and_labelled(tmp_path):
     assert len(ds.mean) == 3 and all(s > 0 for s in ds.std)
 
 
+def test_imagefolder_training_split_is_decoded_only_when_needed(tmp_path, monkeypatch):
+    from robustsweep import data as data_mod
+
+    _tree(tmp_path, {"train": 3, "test": 2}, size=6)
+    decoded = []
+    real = data_mod._decode
+    monkeypatch.setattr(data_mod, "_decode", lambda files, *a: decoded.append(a[-1]) or real(files, *a))
+    cfg = validate(compose(["data=imagefolder", f"data.root={tmp_path}", "data.size=6", "data.n_eval=null"]))
+    ds = load_dataset(cfg.data)
+    assert decoded == ["decode test"] and ds.x_test.shape == (4, 3, 6, 6)
+    assert ds.mean and decoded == ["decode test", "decode train"]  # statistics need the train split
+    assert ds.x_train.shape == (6, 3, 6, 6) and load_dataset(cfg.data).y_train.tolist() == [0] * 3 + [1] * 3
+    assert decoded == ["decode test", "decode train"]  # once per process
+
+
 def test_cifar10_offline_error_names_root_and_alternatives(tmp_path, monkeypatch):
     import torchvision.datasets
 
