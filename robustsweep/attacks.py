@@ -149,14 +149,21 @@ def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None =
                early_stop=early_stop)
 
 
-def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, **overrides: object) -> AttackFn:
-    """The attack ``cfg`` describes (``overrides`` replace its keys, e.g. ``name="fgsm"``)."""
+def attack_kwargs(cfg: DictConfig | dict, **overrides: object) -> dict[str, object]:
+    """What an attack is built from: ``cfg``'s keys (``overrides`` replacing them, e.g.
+    ``name="fgsm"``) minus ``batch_size``, with ``step_size`` parsed ("2/255" -> float)."""
     kwargs = {**{k: v for k, v in cfg.items() if k != "batch_size"}, **overrides}
-    name = kwargs.pop("name")
     if kwargs.get("step_size") is not None:
         from robustsweep.config import parse_epsilon
 
         kwargs["step_size"] = parse_epsilon(kwargs["step_size"])
+    return kwargs
+
+
+def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, **overrides: object) -> AttackFn:
+    """The attack ``cfg`` describes (``overrides`` replace its keys, e.g. ``name="fgsm"``)."""
+    kwargs = attack_kwargs(cfg, **overrides)
+    name = kwargs.pop("name")
     return ATTACKS[name](model, eps=eps, **kwargs)
 
 
@@ -279,11 +286,11 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
         if clean_pred is None:
             clean_pred = predict(model, x_images, batch_size)
         correct_idx = (clean_pred == y).nonzero().flatten()
-        if direction is not None and (not isinstance(attack, FGSM) or len(direction) != len(correct_idx)):
+        keep_direction = isinstance(attack, FGSM)
+        if direction is not None and (not keep_direction or len(direction) != len(correct_idx)):
             raise ValueError(f"direction: {len(direction)} FGSM signs given for {len(correct_idx)} "
                              f"correct images and attack {type(attack).__name__}; allowed: the "
                              f"EvalResult.direction of the same model and images, with FGSM")
-        keep_direction = isinstance(attack, FGSM)
         directions: list[torch.Tensor] = []
         adv_pred = clean_pred.clone()
         n_fooled, n_batches, max_dist, n_grad0 = 0, 0, 0.0, getattr(attack, "n_grad", 0)

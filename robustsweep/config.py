@@ -200,6 +200,12 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
 AUTO_BATCH = {"cpu": 128, "cuda": 1024}
 
 
+def amp_name(cfg: DictConfig) -> str:
+    """``perf.amp`` as its name ("none", "bf16"): the schema makes it an ``Amp``, YAML a string."""
+    amp = cfg.perf.amp if cfg.get("perf") is not None else "none"
+    return amp.value if isinstance(amp, Amp) else str(amp)
+
+
 def attack_batch_size(cfg: DictConfig, device: torch.device) -> int:
     """``attack.batch_size``, with ``auto`` resolved for ``device``."""
     bs = cfg.attack.batch_size

@@ -52,7 +52,6 @@ class Autocast(nn.Module):
 
 def with_amp(model: nn.Module, amp: str) -> nn.Module:
     """``model`` itself for amp="none", an ``Autocast`` wrapper for "bf16"."""
-    amp = getattr(amp, "value", amp)
     if amp == "none":
         return model
     if amp == "bf16":

@@ -24,9 +24,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep import checks, reuse, sweep, tracking
-from robustsweep.attacks import FGSM, AttackFn, attack_checked, build_attack, evaluate, frozen
+from robustsweep.attacks import (
+    FGSM,
+    AttackFn,
+    attack_checked,
+    attack_kwargs,
+    build_attack,
+    evaluate,
+    frozen,
+)
 from robustsweep.attribution import Attributions, integrated_gradients, plot_attributions
-from robustsweep.config import attack_batch_size, resolve_device, resolve_path, validate
+from robustsweep.config import amp_name, attack_batch_size, resolve_device, resolve_path, validate
 from robustsweep.data import Dataset, load_dataset, to_float
 from robustsweep.models import with_amp
 from robustsweep.prune import apply_pruning, make_permanent, measured_sparsity
@@ -212,7 +220,7 @@ def _attack_and_attribute(model: torch.nn.Module, model_hash: str, ds: Dataset, 
                           eps: float, sparsity: float, stage: Path) -> tuple[dict[str, float], set[str]]:
     """Attack the eval subset, run the sanity probe, attribute; the metrics and suspect reasons."""
     # ---- attack (bf16 autocast when perf.amp says so; the hash guard watches the shared weights)
-    fast = with_amp(model, cfg.perf.amp)
+    fast = with_amp(model, amp_name(cfg))
     torch.manual_seed(cfg.seed)  # PGD's random start
     t0 = time.perf_counter()
     attack = build_attack(fast, eps, cfg.attack)
@@ -256,13 +264,10 @@ def _attack_and_attribute(model: torch.nn.Module, model_hash: str, ds: Dataset, 
         # The cell's own attack already ran on these images: reuse its result.
         own = {cfg.attack.name: float((res.adv_pred[idx] != y_probe).float().mean())} \
             if cfg.attack.name in ("fgsm", "pgd") else {}
-        own_attack = {k: v for k, v in OmegaConf.to_container(cfg.attack, resolve=True).items()
-                      if k != "batch_size"}
-
         def memo(check: str, e: float, overrides: dict[str, Any], compute: Any) -> float:
             # What this check attacks with: the cell's attack settings under the overrides.
             key = reuse.images_key(cfg, model_hash, "sanity", check, e, cfg.seed, len(idx),
-                                   {**own_attack, **overrides} if check != "noise" else {})
+                                   attack_kwargs(cfg.attack, **overrides) if check != "noise" else {})
             if (v := reuse.SANITY.get(key)) is None:
                 reuse.SANITY.put(key, v := compute())
             return v

@@ -109,9 +109,8 @@ def images_key(cfg: DictConfig, model_hash: str, *extra: Any) -> str | None:
     if not cfg.perf.reuse:
         return None
     from robustsweep import data
-    from robustsweep.config import resolve_device
+    from robustsweep.config import amp_name, resolve_device
 
-    amp = getattr(cfg.perf.amp, "value", cfg.perf.amp)
     return _blob({"model": model_hash, "data": data.identity(cfg.data), "n_eval": cfg.data.get("n_eval"),
-                  "subset_seed": cfg.data.get("subset_seed", 0), "amp": amp,
+                  "subset_seed": cfg.data.get("subset_seed", 0), "amp": amp_name(cfg),
                   "device": str(resolve_device(cfg.device)), "extra": list(extra)})

@@ -38,16 +38,15 @@ NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks")
 
 def cell_id(cfg: DictConfig) -> str:
     """16-hex SHA-256 of the resolved config minus paths, tracking and Hydra settings."""
-    from robustsweep.config import parse_epsilon
+    from robustsweep.config import amp_name, parse_epsilon
 
     c = OmegaConf.to_container(cfg, resolve=False)
     for k in NOT_RESULTS:
         c.pop(k, None)
     c["epsilon"] = parse_epsilon(c["epsilon"])  # "8/255" and 0.0313725... are the same cell
     # perf.* changes how fast, not what: only amp (bf16 arithmetic) can change a result.
-    perf = c.pop("perf", None) or {}
-    amp = getattr(perf.get("amp"), "value", perf.get("amp")) or "none"
-    if amp != "none":
+    c.pop("perf", None)
+    if (amp := amp_name(cfg)) != "none":
         c["perf"] = {"amp": amp}
     c = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]

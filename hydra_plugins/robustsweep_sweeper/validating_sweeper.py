@@ -99,7 +99,9 @@ class ValidatingSweeper(BasicSweeper):
             tags={"hydra.sweep.dir": str(sweep_dir), "hydra.overrides": " ".join(task),
                   "robustsweep.n_cells": str(len(jobs)), "robustsweep.skipped": str(skipped)})
         os.environ[sw.PARENT_ENV] = parent
-        if type(self.launcher).__name__ == "BasicLauncher":  # in-process: reuse the composed configs
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        if isinstance(self.launcher, BasicLauncher):  # in-process: reuse the composed configs
             from hydra.types import HydraContext
 
             ctx = self.launcher.hydra_context
