@@ -121,3 +121,19 @@ def test_pgd_step_larger_than_eps_is_refused(overrides, ok):
     else:
         with pytest.raises(ConfigError, match=r"attack.step_size='8/255' .* a step <= epsilon"):
             validate(compose(overrides))
+
+
+def test_every_config_group_folder_ships_in_the_wheel() -> None:
+    """pyproject lists the conf/ folders one by one; a new group left out would not be installed."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(("robustsweep", *d.relative_to(root).parts))
+        for d in [root / "conf", *(root / "conf").rglob("*")]
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }
+    assert folders, "no config folders found"
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
