@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ValidationError
@@ -125,9 +127,7 @@ def test_pgd_step_larger_than_eps_is_refused(overrides, ok):
 
 def test_every_config_group_folder_ships_in_the_wheel() -> None:
     """pyproject lists the conf/ folders one by one; a new group left out would not be installed."""
-    import tomllib
-    from pathlib import Path
-
+    tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {
