@@ -172,7 +172,7 @@ def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
             return model, {**meta, "source": "cache", "path": str(path), "trained": False}
         except CheckpointError as e:
             log.warning("cached baseline unusable, retraining: %s", e)
-    torch.manual_seed(cfg.seed)  # a failed load may have copied some tensors: start afresh
+    torch.manual_seed(cfg.seed)  # again: building the model for a cache load above drew random numbers
     model = new_model(cfg, ds).to(device)
 
     log.info("training baseline %s (%d parameters) for %d epochs on %s -> %s",

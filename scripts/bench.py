@@ -2,7 +2,7 @@
 
     python scripts/bench.py                 # CPU: ResNet-20 on ../shared/data/cifar10-jpg, 500 images
     python scripts/bench.py --device cuda   # CUDA: ResNet-18, the full 10k test set
-    python scripts/bench.py --small         # CI: digits + small CNN, seconds; checks it runs
+    python scripts/bench.py --small         # CI: digits + small CNN, ~1.5 min; checks it runs
 
 Prints a table and writes ``outputs/bench/bench.json``. What it measures, on the current device:
 
@@ -19,8 +19,8 @@ Prints a table and writes ``outputs/bench/bench.json``. What it measures, on the
 4. Growth: sweep wall time against n_eval and against the number of cells, with the line fits.
 5. Peak memory: RSS of every process (and CUDA memory of the in-process part).
 
-Measured on a 2-core CPU box (no GPU) the full CPU run takes about 9 minutes; README "Performance"
-has its table.
+Measured on a 2-core CPU box (no GPU) the full CPU run takes about 16 minutes (4 of them the plain
+way; ``--skip plain,lean,growth`` takes ~4); README "Performance" has its table.
 """
 
 from __future__ import annotations
