@@ -10,7 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from robustsweep.config import CONF_DIR, ConfigError, register_configs
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.paths import CONF_DIR
+from robustsweep.core.schema import register_configs
 
 log = logging.getLogger("robustsweep")
 

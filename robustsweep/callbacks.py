@@ -8,7 +8,7 @@ the message alone, not a traceback from deep inside a job.
 
 The validating sweeper created the parent run and wrote ``<sweep dir>/sweep_status.json``. Here the
 summary figures and ``cells.csv`` (robustsweep.summary) are logged to the parent under
-``summary/``, cells whose ASR falls as eps grows are tagged ``suspect`` (robustsweep.checks), the
+``summary/``, cells whose ASR falls as eps grows are tagged ``suspect`` (robustsweep.tracking.crosscheck), the
 parent is closed (FAILED if any cell failed), and failed cells are listed; the command then exits
 non-zero.
 """
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 class Preflight(Callback):
     def _check(self, config: DictConfig) -> None:
-        from robustsweep.config import ConfigError
-        from robustsweep.tracking import preflight
+        from robustsweep.core.errors import ConfigError
+        from robustsweep.tracking.store import preflight
 
         try:
             preflight(config)
@@ -48,18 +48,18 @@ class Preflight(Callback):
 
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from robustsweep import checks, tracking
-        from robustsweep import sweep as sw
         from robustsweep.summary import SummaryError, write_summary
+        from robustsweep.tracking import crosscheck, store
+        from robustsweep.tracking import sweep as sw
 
         report = Path(config.hydra.sweep.dir) / "sweep_status.json"
         parent = os.environ.get(sw.PARENT_ENV)
         if not report.is_file() or not parent:
             return  # not swept by the validating sweeper (e.g. another sweeper): nothing to do
         info = json.loads(report.read_text())
-        tracking.setup(config)
-        client = tracking.Client()
-        flagged = checks.check_sweep(client, parent, float(config.checks.tol))
+        store.setup(config)
+        client = store.Client()
+        flagged = crosscheck.check_sweep(client, parent, float(config.checks.tol))
         client.log_metric(parent, "n_suspect_eps", len(flagged))
         with tempfile.TemporaryDirectory() as tmp:
             try:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from robustsweep.summary import SummaryError, write_summary
-    from robustsweep.sweep import ROLE_TAG
+    from robustsweep.tracking.sweep import ROLE_TAG
 
     uri = args.tracking_uri
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():

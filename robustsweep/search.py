@@ -11,7 +11,9 @@ Definitions (``search.*`` keys, documented in the README):
       criterion=robust_acc: c1 = robust_acc(0) - robust_acc(s) - delta   (may fall by delta)
       always:               c2 = clean_acc(0) - clean_acc(s) - delta_acc (clean may fall by delta_acc)
 
-  An ASR that cannot be measured (no correctly classified image: NaN) counts as unsafe.
+  An ASR that cannot be measured (no correctly classified image: NaN) counts as unsafe, and so
+  does a collapsed model (metric ``collapsed`` = 1: near-chance accuracy or most classes never
+  predicted), whose small ASR would otherwise read as "robust".
 * The **cliff** is the boundary between safe and unsafe sparsities, reported as the bracket
   ``[cliff_low, cliff_high]``: the largest sparsity judged safe and the smallest judged unsafe,
   ``cliff_width = cliff_high - cliff_low`` and ``best_safe_sparsity = cliff_low``. "Judged" uses
@@ -43,9 +45,9 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers._base import _process_constraints_after_trial
 from optuna.trial import FrozenTrial, TrialState
 
-from robustsweep.config import ConfigError
-from robustsweep.config import Criterion as _CriterionName
-from robustsweep.config import Sampler as _SamplerName
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.schema import Criterion as _CriterionName
+from robustsweep.core.schema import Sampler as _SamplerName
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,6 +61,7 @@ ROLE_ATTR = "robustsweep.role"  # "reference" for trial 0
 INTERRUPTED_ATTR = "robustsweep.interrupted"
 SPEC_ATTR = "robustsweep.spec"  # study user attr: what the study optimises (checked on resume)
 UNMEASURABLE = 1.0  # constraint value for a NaN metric (e.g. ASR of a model correct on nothing)
+COLLAPSED_METRIC = "collapsed"  # 1.0 for a degenerate model (robustsweep.steps.evaluate.robust)
 
 
 # ------------------------------------------------------------------------------- criterion
@@ -83,6 +86,8 @@ class Criterion:
         m, r = metrics[self.metric], ref[self.metric]
         c1 = (m - r - self.delta) if self.metric == "asr" else (r - m - self.delta)
         c2 = ref["clean_acc"] - metrics["clean_acc"] - self.delta_acc
+        if metrics.get(COLLAPSED_METRIC):  # a degenerate model's ASR says nothing: never safe
+            c1 = max(c1, UNMEASURABLE)
         return [UNMEASURABLE if math.isnan(c) else float(c) for c in (c1, c2)]
 
     @property

@@ -8,6 +8,9 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   curves.png                                clean_acc and asr vs sparsity, 95 % Wilson intervals
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
   cells.csv                                 every cell's params, metrics and `suspect` tag
+
+Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
+curves and marked in the attention-drift titles.
 """
 
 from __future__ import annotations
@@ -27,12 +30,24 @@ matplotlib.use("Agg")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Rectangle
 
 log = logging.getLogger(__name__)
 
 KEY_PARAMS = ("model.name", "data.name", "prune.method", "attack.name", "sparsity", "epsilon", "seed")
-KEY_METRICS = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "n_fooled",
-               "sparsity_measured", "ig_delta", "n_pred_classes")
+COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
+
+
+def key_metrics() -> tuple[str, ...]:
+    """cells.csv's metric columns: every metric a cell may return, as the steps declare them."""
+    from robustsweep.pipeline import returned_metrics
+
+    return returned_metrics()
+
+
+def is_collapsed(cell: dict[str, Any]) -> bool:
+    """Tagged ``suspect=collapsed``; or, for runs stored before that tag, one predicted class."""
+    return COLLAPSED in cell["suspect"].split(",") or cell.get("n_pred_classes", math.nan) <= 1
 
 
 class SummaryError(RuntimeError):
@@ -52,7 +67,7 @@ def wilson(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
 
 def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
     """One dict per FINISHED child run: key params (typed), metrics, run id."""
-    from robustsweep.sweep import finished_children
+    from robustsweep.tracking.sweep import finished_children
 
     cells = []
     for r in finished_children(client, parent_run_id):
@@ -62,7 +77,7 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
         for k in KEY_PARAMS:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
-        cell.update({k: m.get(k, math.nan) for k in KEY_METRICS})
+        cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p
         cells.append(cell)
     return sorted(cells, key=lambda c: (c["attack.name"], c["prune.method"], c["epsilon"], c["sparsity"]))
@@ -88,18 +103,22 @@ def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
         sps = sorted({c["sparsity"] for c in cs})
         epss = sorted({c["epsilon"] for c in cs})
         grid = np.full((len(sps), len(epss)), np.nan)
-        collapsed = np.zeros_like(grid, dtype=bool)  # one predicted class: the value means nothing
+        collapsed = np.zeros_like(grid, dtype=bool)  # a degenerate model: the value means nothing
         for c in cs:
             i, j = sps.index(c["sparsity"]), epss.index(c["epsilon"])
             grid[i, j] = c[metric]
-            collapsed[i, j] = c["n_pred_classes"] <= 1
+            collapsed[i, j] = is_collapsed(c)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto", origin="lower")
         for i in range(len(sps)):
             for j in range(len(epss)):
                 v = grid[i, j]
-                text = "–" if np.isnan(v) else f"{v:.2f}" + ("\n(1 class)" if collapsed[i, j] else "")
+                if collapsed[i, j]:  # hatched, and said in words
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                           edgecolor="0.5", linewidth=0))
+                text = "–" if np.isnan(v) else f"{v:.2f}" + ("\ncollapsed" if collapsed[i, j] else "")
                 ax.text(j, i, text, ha="center", va="center",
-                        color="white" if (v > 0.55) == (metric == "asr") else "black", fontsize=9)
+                        color="white" if (v > 0.55) == (metric == "asr") else "black", fontsize=9,
+                        bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0} if collapsed[i, j] else None)
         ax.set_xticks(range(len(epss)), [_eps_label(e) for e in epss])
         ax.set_yticks(range(len(sps)), [f"{s:.2f}" for s in sps])
         ax.set_xlabel("eps (/255, L∞)")
@@ -111,11 +130,16 @@ def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
 
 
 def _band(ax: plt.Axes, xs: list[float], ys: list[float], ks: list[float], ns: list[float],
-          label: str) -> None:
+          label: str, collapsed: list[bool] | None = None) -> None:
     """A line with its 95 % Wilson band (k successes out of n at each point)."""
     lo, hi = zip(*[wilson(k, n) for k, n in zip(ks, ns, strict=True)], strict=True)
     ax.plot(xs, ys, "o-", label=label)
     ax.fill_between(xs, lo, hi, alpha=0.18)
+    bad = [(x, y) for x, y, c in zip(xs, ys, collapsed or [False] * len(xs), strict=True) if c]
+    if bad:  # a degenerate model: its point is crossed out (one legend entry per panel)
+        seen = "collapsed model" in ax.get_legend_handles_labels()[1]
+        ax.plot(*zip(*bad, strict=True), "x", color="red", markersize=11, mew=2,
+                label="_nolegend_" if seen else "collapsed model")
 
 
 def curves(cells: list[dict[str, Any]]) -> plt.Figure:
@@ -127,7 +151,7 @@ def curves(cells: list[dict[str, Any]]) -> plt.Figure:
     for method, d in sorted(by_method.items()):
         cs = [d[x] for x in sorted(d)]
         _band(axes[0], sorted(d), [c["clean_acc"] for c in cs], [c["n_correct"] for c in cs],
-              [c["n_eval"] for c in cs], method)
+              [c["n_eval"] for c in cs], method, [is_collapsed(c) for c in cs])
     # ASR: one curve per (attack, method, eps), over the images the model got right
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
@@ -136,7 +160,7 @@ def curves(cells: list[dict[str, Any]]) -> plt.Figure:
         cs = sorted(cs, key=lambda c: c["sparsity"])
         _band(axes[1], [c["sparsity"] for c in cs], [c["asr"] for c in cs],
               [c["n_fooled"] for c in cs], [c["n_correct"] for c in cs],
-              f"{attack} {_eps_label(eps)}/255 ({method})")
+              f"{attack} {_eps_label(eps)}/255 ({method})", [is_collapsed(c) for c in cs])
     for ax, ylabel, title in ((axes[0], "clean accuracy", "clean accuracy (95 % Wilson interval)"),
                               (axes[1], "attack success rate",
                                "ASR over correctly classified images (95 % Wilson)")):
@@ -163,7 +187,7 @@ def attention_drift(client: Any, cells: list[dict[str, Any]], max_images: int = 
                     maps = []
                     break
                 z = np.load(p)
-                maps.append((c["sparsity"], z["ig_clean"].sum(1), z["images"], z["labels"]))
+                maps.append((c["sparsity"], z["ig_clean"].sum(1), z["images"], z["labels"], is_collapsed(c)))
             if maps:
                 rows.append((f"{attack}, {method}, eps {_eps_label(eps)}/255", maps))
     if not rows:
@@ -182,11 +206,12 @@ def attention_drift(client: Any, cells: list[dict[str, Any]], max_images: int = 
             label = f"image {i} (label {int(maps[0][3][i])})"
             axes[r, 0].set_ylabel(f"{title}\n{label}" if i == 0 else label, fontsize=7)
             vmax = max(float(np.abs(m[1][i]).max()) for m in maps) or 1e-12
-            for j, (sp, ig, _, _) in enumerate(maps):
+            for j, (sp, ig, _, _, bad) in enumerate(maps):
                 im = axes[r, j + 1].imshow(ig[i], cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                                            interpolation="nearest")
                 if r == 0 or i == 0:
-                    axes[r, j + 1].set_title(f"sparsity {sp:.2f}", fontsize=8)
+                    axes[r, j + 1].set_title(f"sparsity {sp:.2f}" + (" (collapsed)" if bad else ""),
+                                             fontsize=8, color="red" if bad else "black")
             fig.colorbar(im, ax=axes[r, 1:].tolist(), shrink=0.8, label="IG (logit units)")
     for ax in axes.flat:
         ax.set_xticks([])
@@ -216,9 +241,10 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run_id", "cell_id", "suspect", *KEY_METRICS, *param_keys])
+        metrics = key_metrics()
+        w.writerow(["run_id", "cell_id", "suspect", *metrics, *param_keys])
         for c in cells:
-            w.writerow([c["run_id"], c["cell_id"], c["suspect"], *[c[k] for k in KEY_METRICS],
+            w.writerow([c["run_id"], c["cell_id"], c["suspect"], *[c[k] for k in metrics],
                         *[c["params"].get(k, "") for k in param_keys]])
     log.info("summary of %d cells written to %s", len(cells), out_dir)
     return cells

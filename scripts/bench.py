@@ -42,12 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustsweep import reuse
-from robustsweep.attacks import FGSM, PGD, evaluate, predict
-from robustsweep.config import attack_batch_size, compose, resolve_device, validate
-from robustsweep.data import load_dataset, to_float
-from robustsweep.models import with_amp
-from robustsweep.train import get_baseline
+from robustsweep.config import compose, validate
+from robustsweep.core.device import attack_batch_size, resolve_device
+from robustsweep.steps.attacks import FGSM, PGD, evaluate, predict
+from robustsweep.steps.data import load_dataset, to_float
+from robustsweep.steps.models import with_amp
+from robustsweep.steps.train import get_baseline
+from robustsweep.tracking import reuse
 
 log = logging.getLogger("bench")
 GRID = {"sparsity": "0,0.25,0.5,0.75", "epsilon": "1/255,2/255,4/255,8/255", "attack": "fgsm,pgd"}

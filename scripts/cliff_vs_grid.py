@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from mlflow.tracking import MlflowClient
 
 from robustsweep.search import Criterion, bracket
-from robustsweep.sweep import ROLE_TAG, finished_children
+from robustsweep.tracking.sweep import ROLE_TAG, finished_children
 
 log = logging.getLogger("cliff_vs_grid")
 

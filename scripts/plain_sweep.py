@@ -30,13 +30,14 @@ import numpy as np
 import torch
 import torchattacks
 from captum.attr import IntegratedGradients
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
-from robustsweep.config import parse_epsilon
-from robustsweep.models import build_model
+from robustsweep.core.params import parse_epsilon
+from robustsweep.steps.models import build_model
 
 log = logging.getLogger("plain_sweep")
 
@@ -71,7 +72,7 @@ def one_cell(args: argparse.Namespace, sparsity: float, eps: float, attack_name:
     data, c, size, k = load_data(args)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
-    model = build_model(args.model, in_channels=c, num_classes=k, image_size=size,
+    model = build_model(OmegaConf.create({"name": args.model}), in_channels=c, num_classes=k, image_size=size,
                         mean=(0.5,) * c, std=(0.25,) * c)  # real statistics come with the checkpoint
     model.load_state_dict(load_file(args.checkpoint))
     model.to(args.device)

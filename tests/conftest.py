@@ -32,7 +32,7 @@ def _no_user_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_reuse_caches() -> None:
     """Each test starts without models or predictions cached by an earlier one (robustsweep.reuse)."""
-    from robustsweep import reuse
+    from robustsweep.tracking import reuse
 
     reuse.clear()
 
@@ -49,8 +49,8 @@ def make_cfg(tmp_path: Path):
 def digits_model(tmp_path_factory: pytest.TempPathFactory):
     """A small CNN trained on digits (~1 s), with its dataset and config."""
     from robustsweep.config import validate
-    from robustsweep.data import load_dataset
-    from robustsweep.train import get_baseline
+    from robustsweep.steps.data import load_dataset
+    from robustsweep.steps.train import get_baseline
 
     tmp = tmp_path_factory.mktemp("digits")
     cfg = validate(compose([*isolated_overrides(tmp), *FAST]))

@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from robustsweep.attacks import fgsm, register_attack
+from robustsweep.steps.attacks import fgsm, register_attack
 
 
 @register_attack("fault")

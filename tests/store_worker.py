@@ -9,7 +9,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from robustsweep import tracking
+from robustsweep.tracking import store as tracking
 
 
 def main(uri: str, name: str, n: int) -> None:

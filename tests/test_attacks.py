@@ -8,15 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from robustsweep.attacks import (
-    AttackGuardError,
-    build_attack,
-    check_adversarial,
-    evaluate,
-    frozen,
-)
-from robustsweep.config import ConfigError, resolve_device
-from robustsweep.data import to_float
+from robustsweep.config import ConfigError
+from robustsweep.core.device import resolve_device
+from robustsweep.core.guards import AttackGuardError, check_adversarial, frozen
+from robustsweep.steps.attacks import build_attack, evaluate
+from robustsweep.steps.data import to_float
 
 FGSM = OmegaConf.create({"name": "fgsm", "batch_size": 128})
 PGD = OmegaConf.create({"name": "pgd", "steps": 10, "step_size": None, "random_start": True,

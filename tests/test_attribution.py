@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from robustsweep.attacks import build_attack, frozen
-from robustsweep.attribution import integrated_gradients, plot_attributions
-from robustsweep.data import to_float
+from robustsweep.core.guards import frozen
+from robustsweep.steps.attacks import build_attack
+from robustsweep.steps.data import to_float
+from robustsweep.steps.evaluate.attribution import integrated_gradients, plot_attributions
 
 
 def _attr(digits_model, k=3, n_steps=64):

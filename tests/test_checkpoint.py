@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from robustsweep.checkpoint import CheckpointError, load_into, load_state, save_checkpoint
-from robustsweep.models import Normalized
+from robustsweep.core.checkpoint import CheckpointError, load_into, load_state, save_checkpoint
+from robustsweep.steps.models import Normalized
 
 
 class _Evil:
@@ -96,8 +96,8 @@ def test_temp_files_of_killed_writers_are_removed_live_ones_kept(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "sidecar"])
 def test_corrupted_cached_baseline_is_rebuilt_identically(tmp_path, caplog, damage):
     from robustsweep.config import compose, validate
-    from robustsweep.data import load_dataset
-    from robustsweep.train import get_baseline
+    from robustsweep.steps.data import load_dataset
+    from robustsweep.steps.train import get_baseline
     from tests.conftest import FAST, isolated_overrides
 
     cfg = validate(compose([*isolated_overrides(tmp_path), *FAST, "train.epochs=2"]))

@@ -1,4 +1,5 @@
-"""What we check on every run (robustsweep.checks): each guard fails when its fault is present."""
+"""What we check on every run (guards, the sanity evaluator, the cross-sweep check): each guard
+fails when its fault is present."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from robustsweep import checks
-from robustsweep.attacks import AttackGuardError, build_attack, check_adversarial, evaluate
-from robustsweep.attribution import integrated_gradients
-from robustsweep.data import to_float
+from robustsweep.core import guards
+from robustsweep.core.guards import AttackGuardError, check_adversarial
+from robustsweep.steps.attacks import build_attack, evaluate
+from robustsweep.steps.data import to_float
+from robustsweep.steps.evaluate import sanity
+from robustsweep.steps.evaluate.attribution import integrated_gradients
+from robustsweep.tracking import crosscheck
 
 PGD = OmegaConf.create({"name": "pgd", "steps": 10, "step_size": None, "random_start": True,
                         "batch_size": 128})
@@ -47,7 +51,7 @@ def _probe(model, ds, eps=0.1, attack=PGD, n=64, build=None):
         pred = model(to_float(ds.x_eval)).argmax(1)
     idx = (pred == ds.y_eval).nonzero().flatten()[:n]
     build = build or (lambda e, o: build_attack(model, e, attack, **o))
-    return checks.sanity_probe(model, build, attack.name, to_float(ds.x_eval[idx]), ds.y_eval[idx],
+    return sanity.sanity_probe(model, build, attack.name, to_float(ds.x_eval[idx]), ds.y_eval[idx],
                                eps, tol=0.05)
 
 
@@ -92,7 +96,7 @@ def test_eps_monotonicity_flags_only_the_falling_cell():
     runs = [run("a", 0.01, 0.2), run("b", 0.03, 0.5), run("c", 0.05, 0.3), run("d", 0.1, 0.49),
             run("e", 0.2, 0.9),
             run("f", 0.01, 0.9, sparsity="0.9"), run("g", 0.05, 0.1, **{"attack.name": "pgd"})]
-    flagged = checks.eps_monotonicity(runs, tol=0.02)
+    flagged = crosscheck.eps_monotonicity(runs, tol=0.02)
     assert set(flagged) == {"c"}, flagged  # d is within tol of b; f and g are other cells
     assert "0.3000" in flagged["c"] and "0.5000" in flagged["c"]
 
@@ -129,9 +133,9 @@ def test_normalised_inputs_are_refused_and_unit_floats_accepted(digits_model):
     attack = build_attack(model, 0.1, FGSM)
     x = to_float(ds.x_eval[:100])
     normalised = (x - 0.3) / 0.3
-    with pytest.raises(checks.InputRangeError, match=r"allowed: pixels in \[0, 1\]"):
+    with pytest.raises(guards.InputRangeError, match=r"allowed: pixels in \[0, 1\]"):
         evaluate(model, attack, normalised, ds.y_eval[:100], 0.1, 50)
-    with pytest.raises(checks.InputRangeError):
+    with pytest.raises(guards.InputRangeError):
         integrated_gradients(model, normalised[:2], x[:2], ds.y_eval[:2], torch.arange(2), 8, "black", 8)
     a = evaluate(model, attack, x, ds.y_eval[:100], 0.1, 50)
     b = evaluate(model, attack, ds.x_eval[:100], ds.y_eval[:100], 0.1, 50)
@@ -144,13 +148,13 @@ def test_model_change_is_detected_even_in_train_mode(digits_model):
     saved = {k: v.clone() for k, v in model.state_dict().items()}  # the model is shared by the session
     model.train()
     try:
-        with checks.unchanged(model, "a no-op"):
+        with guards.unchanged(model, "a no-op"):
             pass
-        with pytest.raises(checks.ModelChangedError, match="a forward in train mode"), \
-                checks.unchanged(model, "a forward in train mode"):
+        with pytest.raises(guards.ModelChangedError, match="a forward in train mode"), \
+                guards.unchanged(model, "a forward in train mode"):
             model(torch.rand(4, 1, 8, 8))  # BatchNorm in train mode updates its running stats
         model.load_state_dict(saved)
-        with pytest.raises(checks.ModelChangedError), checks.unchanged(model, "an in-place edit"), \
+        with pytest.raises(guards.ModelChangedError), guards.unchanged(model, "an in-place edit"), \
                 torch.no_grad():
             next(model.parameters()).view(-1)[0] += 1e-3  # one weight, a small change
     finally:
@@ -160,15 +164,15 @@ def test_model_change_is_detected_even_in_train_mode(digits_model):
 
 def test_state_hash_sees_every_tensor_kind(digits_model):
     model, _, _ = digits_model
-    h = checks.state_hash(model)
-    assert h == checks.state_hash(model)
+    h = guards.state_hash(model)
+    assert h == guards.state_hash(model)
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     bn.num_batches_tracked += 1  # a 0-dim int64 buffer
     try:
-        assert checks.state_hash(model) != h
+        assert guards.state_hash(model) != h
     finally:
         bn.num_batches_tracked -= 1
-    assert checks.state_hash(model) == h
+    assert guards.state_hash(model) == h
 
 
 def test_ig_doubles_n_steps_until_complete_and_counts_what_is_not(digits_model):
@@ -198,7 +202,7 @@ def test_check_sweep_tags_the_falling_cell_in_the_store(tmp_path):
         c.set_terminated(r.info.run_id, "FINISHED")
         ids[eps] = r.info.run_id
     c.set_tag(ids[0.1], "suspect", "ig_incomplete")  # an earlier reason is kept
-    flagged = checks.check_sweep(c, parent, tol=0.05)
+    flagged = crosscheck.check_sweep(c, parent, tol=0.05)
     assert set(flagged) == {ids[0.1]}
     assert c.get_run(ids[0.1]).data.tags["suspect"] == "asr_falls_with_eps,ig_incomplete"
     assert "suspect" not in c.get_run(ids[0.03]).data.tags

@@ -125,10 +125,10 @@ def test_checkpoint_for_another_model_is_a_clear_error(tmp_path):
 
 
 def test_user_checkpoint_is_used_instead_of_training(tmp_path):
-    from robustsweep.checkpoint import save_checkpoint
     from robustsweep.config import compose
-    from robustsweep.data import load_dataset
-    from robustsweep.train import new_model
+    from robustsweep.core.checkpoint import save_checkpoint
+    from robustsweep.steps.data import load_dataset
+    from robustsweep.steps.train import new_model
 
     cfg = compose()
     model = new_model(cfg, load_dataset(cfg.data))

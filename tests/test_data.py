@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from robustsweep.config import ConfigError, compose, validate
-from robustsweep.data import load_dataset
-from robustsweep.train import augment
+from robustsweep.steps.data import load_dataset
+from robustsweep.steps.train import augment
 
 
 def _tree(root, split_counts, size=10, classes=("cat", "dog")):
@@ -58,7 +58,7 @@ def test_imagefolder_tree_is_decoded_resized_and_labelled(tmp_path):
 
 
 def test_imagefolder_training_split_is_decoded_only_when_needed(tmp_path, monkeypatch):
-    from robustsweep import data as data_mod
+    from robustsweep.steps import data as data_mod
 
     _tree(tmp_path, {"train": 3, "test": 2}, size=6)
     decoded = []
@@ -108,7 +108,7 @@ def test_showcase_images_are_fixed_and_span_classes():
 
 
 def test_channel_stats_match_numpy_on_float_copy():
-    from robustsweep.data import channel_stats
+    from robustsweep.steps.data import channel_stats
 
     x = np.random.default_rng(0).integers(0, 256, (50, 3, 5, 4), dtype=np.uint8)
     mean, std = channel_stats(x, chunk=7)
@@ -118,7 +118,7 @@ def test_channel_stats_match_numpy_on_float_copy():
 
 
 def test_loader_returning_normalised_floats_is_rejected(monkeypatch):
-    from robustsweep import data as data_mod
+    from robustsweep.steps import data as data_mod
 
     def bad(cfg):
         x = np.zeros((4, 1, 8, 8), np.float32) - 0.5  # normalised tensors: the classic mistake

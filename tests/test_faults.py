@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from robustsweep.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG
+from robustsweep.tracking.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG
 from tests.test_cli import REPO, cli
 from tests.test_sweep import _runs
 

@@ -14,13 +14,14 @@ import pytest
 import torch
 import torchattacks
 
-from robustsweep import reuse
-from robustsweep.attacks import FGSM, PGD, evaluate, frozen
-from robustsweep.attribution import integrated_gradients
-from robustsweep.data import to_float
-from robustsweep.models import Autocast, with_amp
+from robustsweep.core.guards import frozen
 from robustsweep.pipeline import run
-from robustsweep.sweep import cell_id
+from robustsweep.steps.attacks import FGSM, PGD, evaluate
+from robustsweep.steps.data import to_float
+from robustsweep.steps.evaluate.attribution import integrated_gradients
+from robustsweep.steps.models import Autocast, with_amp
+from robustsweep.tracking import reuse
+from robustsweep.tracking.identity import cell_id
 
 
 def _batch(digits_model, n=200, dtype=torch.float32):
@@ -128,7 +129,7 @@ def test_a_grid_with_the_caches_equals_the_grid_without(make_cfg, caplog):
     # 2 pruned models for 8 cells; clean predictions per model; 1 FGSM direction per model
     assert st["pruned_model"]["hits"] == 6 and st["clean_pred"]["hits"] == 6
     assert st["fgsm_direction"]["hits"] == 2 and st["ig_clean"]["hits"] == 6
-    assert "reusing the pruned model" in caplog.text
+    assert "reusing the compressed model" in caplog.text
     for p, f, (s, e, a) in zip(plain, fast, GRID, strict=True):
         for k in SAME:
             assert p[k] == pytest.approx(f[k], nan_ok=True, abs=1e-6), (s, e, a, k)
@@ -139,7 +140,8 @@ def test_a_grid_with_the_caches_equals_the_grid_without(make_cfg, caplog):
 
 def test_a_cached_model_changed_after_caching_is_rebuilt(make_cfg, caplog):
     a = run(make_cfg("sparsity=0.5", "attribution.n_images=0"))
-    (model, *_), = reuse.PRUNED._d.values()
+    (cached,) = reuse.PRUNED._d.values()
+    model = cached.model
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # e.g. a user callback touching the shared model
     caplog.set_level(logging.WARNING)

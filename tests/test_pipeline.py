@@ -10,7 +10,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from robustsweep.pipeline import METRIC_NAMES, SANITY_METRICS, run
+from robustsweep.pipeline import run
+from robustsweep.steps.evaluate import EVALUATORS, evaluators
+
+evaluators()  # discover the declared evaluators
+# The metrics the README lists for every cell, and the sanity evaluator's declared ones.
+METRIC_NAMES = ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "sparsity_measured", "ig_delta")
+SANITY_METRICS = tuple(m for m in EVALUATORS["sanity"].metrics if m != "sanity_s")
 
 
 def _runs(tmp_path):
@@ -43,7 +49,7 @@ def test_run_logs_one_mlflow_run_with_metrics_params_artifacts(make_cfg, tmp_pat
 
 
 def test_baseline_is_cached_and_reused(make_cfg, caplog, monkeypatch):
-    import robustsweep.train as train_mod
+    import robustsweep.steps.train as train_mod
 
     caplog.set_level(logging.INFO)
     run(make_cfg("sparsity=0", "attribution.n_images=0"))
@@ -60,7 +66,7 @@ def test_baseline_is_cached_and_reused(make_cfg, caplog, monkeypatch):
 
 
 def test_changed_training_config_trains_a_new_baseline(make_cfg, caplog):
-    from robustsweep.train import baseline_key
+    from robustsweep.steps.train import baseline_key
 
     assert baseline_key(make_cfg()) != baseline_key(make_cfg("train.epochs=9"))
     assert baseline_key(make_cfg()) == baseline_key(make_cfg("sparsity=0.9", "epsilon=0.3",
@@ -135,8 +141,8 @@ def test_ig_doubling_reaches_completeness_in_the_pipeline(make_cfg):
 
 
 def test_an_attack_that_changes_the_model_fails_the_run(make_cfg, tmp_path, monkeypatch):
-    from robustsweep.attacks import ATTACKS, fgsm
-    from robustsweep.checks import ModelChangedError
+    from robustsweep.core.errors import ModelChangedError
+    from robustsweep.steps.attacks import ATTACKS, fgsm
 
     def tampering(model, eps, **kw):  # an attack with a side effect on the weights
         inner = fgsm(model, eps)

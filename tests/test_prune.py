@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from robustsweep.checkpoint import load_into, load_state, save_checkpoint
-from robustsweep.models import build_model
-from robustsweep.prune import (
+from robustsweep.core.checkpoint import load_into, load_state, save_checkpoint
+from robustsweep.steps.models import build_model
+from robustsweep.steps.prune import (
     PRUNE_METHODS,
     apply_pruning,
     make_permanent,
@@ -22,7 +23,8 @@ METHODS = sorted(set(PRUNE_METHODS) - {"none"})
 def _model(name: str = "resnet_small") -> nn.Module:
     torch.manual_seed(0)
     shape = (3, 32) if name != "small_cnn" else (1, 8)
-    return build_model(name, in_channels=shape[0], num_classes=10, image_size=shape[1],
+    return build_model(OmegaConf.create({"name": name}), in_channels=shape[0], num_classes=10,
+                       image_size=shape[1],
                        mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
 
 
@@ -104,7 +106,7 @@ def test_pruned_model_saves_loads_and_predicts_the_same(tmp_path):
 
 
 def test_finetuning_keeps_the_masks(digits_model):
-    from robustsweep.train import new_model, train_model
+    from robustsweep.steps.train import new_model, train_model
 
     _, ds, cfg = digits_model
     model = new_model(cfg, ds)

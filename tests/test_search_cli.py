@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from robustsweep.search import INTERRUPTED_ATTR
-from robustsweep.sweep import ROLE_TAG
+from robustsweep.tracking.sweep import ROLE_TAG
 from tests.test_cli import cli
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from collections import namedtuple
 import pytest
 from mlflow.tracking import MlflowClient
 
-from robustsweep import tracking
 from robustsweep.config import ConfigError
-from robustsweep.sweep import CELL_TAG, ROLE_TAG
+from robustsweep.tracking import store as tracking
+from robustsweep.tracking.sweep import CELL_TAG, ROLE_TAG
 from tests.test_cli import REPO, cli
 
 
@@ -132,7 +132,7 @@ def test_relative_tracking_uri_with_job_chdir_is_one_store(tmp_path):
 
 
 def test_relative_uris_resolve_against_the_launch_dir_not_the_cwd(tmp_path, monkeypatch):
-    import robustsweep.config as config_mod
+    import robustsweep.core.paths as config_mod
 
     job_dir = tmp_path / "outputs" / "multiruns" / "0"
     job_dir.mkdir(parents=True)

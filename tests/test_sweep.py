@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from robustsweep.config import compose
 from robustsweep.summary import wilson
-from robustsweep.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG, cell_id
+from robustsweep.tracking.identity import cell_id
+from robustsweep.tracking.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG
 from tests.test_cli import cli
 
 pytestmark = pytest.mark.slow
@@ -193,3 +194,22 @@ def test_sigkill_mid_sweep_then_relaunch_completes_exactly_once(tmp_path):
     parents = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
+
+
+def test_heatmap_hatches_and_names_collapsed_cells():
+    from matplotlib.patches import Rectangle
+
+    from robustsweep.summary import curves, heatmap
+
+    def cell(s, e, suspect=""):
+        return {"attack.name": "fgsm", "prune.method": "l1", "sparsity": s, "epsilon": e,
+                "asr": 0.5, "robust_acc": 0.4, "clean_acc": 0.9, "n_correct": 90, "n_eval": 100,
+                "n_fooled": 45, "n_pred_classes": 10, "suspect": suspect}
+
+    cells = [cell(0.0, 0.1), cell(0.75, 0.1, "collapsed,pgd_below_noise")]
+    fig = heatmap(cells, "asr")
+    hatched = [p for p in fig.axes[0].patches if isinstance(p, Rectangle) and p.get_hatch()]
+    assert len(hatched) == 1 and hatched[0].get_xy() == (-0.5, 0.5)  # row 1 = sparsity 0.75
+    assert any("collapsed" in t.get_text() for t in fig.axes[0].texts)
+    fig = curves(cells)
+    assert "collapsed model" in fig.axes[1].get_legend_handles_labels()[1]

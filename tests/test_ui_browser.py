@@ -80,7 +80,10 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1700, "height": 1000})
+        # Wait for conditions, not for a fixed short time: on a busy machine (load ~3.5 on 2 cores)
+        # the UI took longer than expect()'s default 5 s to list the experiment.
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
 
         # the experiment's runs: one parent row; expanding it shows the twelve children
         page.goto(f"{url}/#/experiments/{exp}/runs")

@@ -64,8 +64,8 @@ class OptunaSweeperImpl(Sweeper):
 
     # ------------------------------------------------------------------------ entry point
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        from robustsweep import sweep as sw
         from robustsweep.config import ConfigError
+        from robustsweep.tracking import sweep as sw
 
         try:
             plan = self._plan(arguments)
@@ -81,7 +81,7 @@ class OptunaSweeperImpl(Sweeper):
     # ------------------------------------------------------------------ 1. checks and plan
     def _plan(self, arguments: list[str]) -> dict[str, Any]:
         from robustsweep.config import ConfigError
-        from robustsweep.pipeline import RETURNED_METRICS
+        from robustsweep.pipeline import returned_metrics
         from robustsweep.search import Criterion
 
         assert self.config is not None and self.hydra_context is not None
@@ -127,10 +127,10 @@ class OptunaSweeperImpl(Sweeper):
                     f"searched: {', '.join(f'{k}={_describe(v)}' for k, v in space.items())}. Allowed for "
                     f"several keys: search.sampler=tpe or gp")
         objective = s["objective"]
-        if objective not in space and objective not in RETURNED_METRICS:
+        if objective not in space and objective not in returned_metrics():
             raise ConfigError(f"search.objective={objective!r} is neither a searched key "
                               f"({', '.join(space)}) nor a metric the job returns; allowed: "
-                              f"{', '.join([*space, *RETURNED_METRICS])}")
+                              f"{', '.join([*space, *returned_metrics()])}")
 
         jobs = self._corner_jobs(fixed, space, param if crit else None, s["reference"])
         cfgs = self._validate(jobs)
@@ -164,8 +164,7 @@ class OptunaSweeperImpl(Sweeper):
         return jobs
 
     def _validate(self, jobs: list[list[str]]) -> list[DictConfig]:
-        from robustsweep.config import ConfigError
-        from robustsweep.sweep import compose_and_validate
+        from robustsweep.config import ConfigError, compose_and_validate
 
         assert self.hydra_context is not None and self.config is not None
         cfgs: list[DictConfig] = []
@@ -186,13 +185,14 @@ class OptunaSweeperImpl(Sweeper):
 
         from robustsweep.config import ConfigError, resolve_path
         from robustsweep.search import (
+            SPEC_ATTR,
             build_sampler,
             check_spec,
             fail_interrupted_trials,
             open_storage,
             redact_url,
         )
-        from robustsweep.sweep import cell_id
+        from robustsweep.tracking.identity import cell_id, lookup_ids
 
         s, crit, ref_cfg = plan["s"], plan["crit"], plan["ref_cfg"]
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log every trial ourselves
@@ -215,6 +215,9 @@ class OptunaSweeperImpl(Sweeper):
             raise ConfigError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
                               f"asked search.direction={s['direction']}; allowed: the same direction or "
                               f"a new search.study_name=<name>")
+        stored = study.user_attrs.get(SPEC_ATTR) or {}
+        if crit and stored.get("reference_cell") in lookup_ids(ref_cfg):  # stored under an older id scheme
+            spec["reference_cell"] = stored["reference_cell"]
         check_spec(study, spec)
         fail_interrupted_trials(study)
         plan["storage_desc"] = redact_url(s["storage"]) if s["storage"] else f"journal file {default}"
@@ -226,9 +229,9 @@ class OptunaSweeperImpl(Sweeper):
     def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
         from optuna.trial import TrialState
 
-        from robustsweep import sweep as sw
-        from robustsweep import tracking
         from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR
+        from robustsweep.tracking import store as tracking
+        from robustsweep.tracking import sweep as sw
 
         assert self.config is not None
         s, crit, param, space = plan["s"], plan["crit"], plan["param"], plan["space"]
@@ -295,9 +298,9 @@ class OptunaSweeperImpl(Sweeper):
     def _launch(self, trials: list[Any], failures: list[str]) -> Sequence[JobReturn]:
         from optuna.trial import TrialState
 
-        from robustsweep import sweep as sw
         from robustsweep.config import ConfigError
         from robustsweep.search import ROLE_ATTR, is_safe, record_constraints
+        from robustsweep.tracking import sweep as sw
 
         plan, study = self.plan, self.study
         crit = plan["crit"]

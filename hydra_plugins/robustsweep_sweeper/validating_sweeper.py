@@ -56,7 +56,7 @@ class _ComposedOnce:
 
 class ValidatingSweeper(BasicSweeper):
     def _compose_and_validate(self, batch: Sequence[Sequence[str]]) -> list[DictConfig]:
-        from robustsweep.sweep import compose_and_validate
+        from robustsweep.config import compose_and_validate
 
         assert self.hydra_context is not None and self.config is not None
         cfgs, errors = compose_and_validate(self.hydra_context.config_loader, self.config, batch)
@@ -67,8 +67,8 @@ class ValidatingSweeper(BasicSweeper):
         return cfgs
 
     def sweep(self, arguments: list[str]) -> Any:
-        from robustsweep import sweep as sw
-        from robustsweep import tracking
+        from robustsweep.tracking import store
+        from robustsweep.tracking import sweep as sw
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -82,12 +82,12 @@ class ValidatingSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        experiment_id = tracking.setup(cfgs[0])
-        client = tracking.Client()
-        ids = [sw.cell_id(c) for c in cfgs]
+        experiment_id = store.setup(cfgs[0])
+        client = store.Client()
         resume = bool(cfgs[0].tracking.get("resume", True))
-        done = sw.finished_cells(client, experiment_id, ids) if resume else {}
-        todo = [job for job, cid in zip(jobs, ids, strict=True) if cid not in done]
+        # cell index -> FINISHED run (under its current id or an earlier identity scheme's)
+        done = {i: r for i, c in enumerate(cfgs) if resume and (r := sw.finished_run(client, experiment_id, c))}
+        todo = [job for i, job in enumerate(jobs) if i not in done]
         skipped = len(jobs) - len(todo)
         log.info("sweep of %d cells: %d already FINISHED in the store (skipped), %d to run",
                  len(jobs), skipped, len(todo))
@@ -121,7 +121,7 @@ class ValidatingSweeper(BasicSweeper):
                         failures.append({"overrides": list(job), "error": f"{type(err).__name__}: {err}"})
                 returns.append(results)
         except (KeyboardInterrupt, SystemExit) as e:
-            self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, ids, done, failures)
+            self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
              "failures": failures}, indent=2))
@@ -129,7 +129,7 @@ class ValidatingSweeper(BasicSweeper):
 
     @staticmethod
     def _interrupted(e: BaseException, client: Any, experiment_id: str, parent: str, sweep_dir: Path,
-                     jobs: list[Sequence[str]], ids: list[str], done: dict[str, str],
+                     jobs: list[Sequence[str]], cfgs: list[DictConfig], done: dict[int, str],
                      failures: list[dict[str, Any]]) -> None:
         """Ctrl-C (or an exit that escaped a job): report what is kept, close the parent, exit 130.
 
@@ -137,8 +137,8 @@ class ValidatingSweeper(BasicSweeper):
         its own run context; a relaunch of the same command runs exactly what is missing."""
         from robustsweep import sweep as sw
 
-        now = sw.finished_cells(client, experiment_id, ids)
-        not_done = [" ".join(j) for j, cid in zip(jobs, ids, strict=True) if cid not in now]
+        now = [i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)]
+        not_done = [" ".join(j) for i, j in enumerate(jobs) if i not in now]
         client.set_tag(parent, sw.ERROR_TAG, f"interrupted by {type(e).__name__}")
         client.set_terminated(parent, "KILLED")
         (sweep_dir / "sweep_status.json").write_text(json.dumps(

@@ -6,10 +6,12 @@ x {FGSM, PGD} grid has 4 pruned models, not 32; the clean predictions and FGSM's
 a model are the same at every eps; so is the clean half of its IG maps. Decoded data is shared by
 ``data.load_dataset`` in the same way.
 
-Every entry is keyed by content, never by job number: a pruned model by everything that produced
-it (baseline identity, prune config, sparsity, seed, device), and what is computed from a model by
-the SHA-256 of its state_dict plus the identity of the images. A hit therefore returns exactly
-what recomputing would (tests run cells with ``perf.reuse`` on and off and compare). A cached
+Every entry is keyed by content, never by job number: a compressed model by the cell's canonical
+config (robustsweep.tracking.identity) minus what only evaluation reads (epsilon, the evaluators'
+config groups, the evaluation subset), plus the device and a user checkpoint's file stamp; what is
+computed from a model by the SHA-256 of its state_dict plus the identity of the images. A key is
+derived, never listed by hand, so a new config group is part of it automatically. A hit therefore
+returns exactly what recomputing would (tests run cells with ``perf.reuse`` on and off and compare). A cached
 model is re-hashed before reuse, and dropped if anything changed it.
 
 ``perf.reuse=false`` turns all of it off. Sizes are bounded (LRU), so a long sweep's memory does
@@ -24,7 +26,13 @@ import logging
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from robustsweep.core.device import amp_name, resolve_device
+from robustsweep.core.paths import resolve_path
+from robustsweep.steps import data
+from robustsweep.steps.evaluate import evaluators
+from robustsweep.tracking.identity import canonical
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -65,7 +73,7 @@ class LRU(Generic[V]):
         return len(self._d)
 
 
-PRUNED: LRU[Any] = LRU("pruned_model", 4)  # (model, baseline info, measured sparsity, state hash)
+PRUNED: LRU[Any] = LRU("pruned_model", 4)  # (model, baseline info, measured metrics, state hash)
 CLEAN_PRED: LRU[Any] = LRU("clean_pred", 16)  # (n_eval,) int64
 FGSM_DIRECTION: LRU[Any] = LRU("fgsm_direction", 4)  # (n_correct, C, H, W) int8
 IG_CLEAN: LRU[Any] = LRU("ig_clean", 8)  # attribution.IGPart
@@ -88,29 +96,43 @@ def _blob(obj: Any) -> str:
 
 
 def pruned_key(cfg: DictConfig, device: Any) -> str | None:
-    """Identity of the pruned model a job would build; None when ``perf.reuse`` is off."""
+    """Identity of the compressed model a job would build; None when ``perf.reuse`` is off."""
     if not cfg.perf.reuse:
         return None
-    from robustsweep.config import resolve_path
-    from robustsweep.train import baseline_key
-
-    base: dict[str, Any] = {"trained": baseline_key(cfg)}
+    c = canonical(cfg)
+    c.pop("epsilon", None)
+    for ev in evaluators():  # what only evaluation reads
+        c.pop(ev.group, None)
+    c["data"] = data.identity(cfg.data)  # the decoded images (absolute root), not the eval subset
     if cfg.model.get("checkpoint"):
         path = resolve_path(cfg.model.checkpoint)
         st = path.stat()
-        base = {"checkpoint": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "model": OmegaConf.to_container(cfg.model, resolve=True)}
-    return _blob({"base": base, "prune": OmegaConf.to_container(cfg.prune, resolve=True),
-                  "sparsity": cfg.sparsity, "seed": cfg.seed, "device": str(device)})
+        c["checkpoint"] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    c["device"] = str(device)
+    return _blob(c)
 
 
 def images_key(cfg: DictConfig, model_hash: str, *extra: Any) -> str | None:
     """Identity of (a model, the evaluation images, the arithmetic) for what is computed from them."""
     if not cfg.perf.reuse:
         return None
-    from robustsweep import data
-    from robustsweep.config import amp_name, resolve_device
-
     return _blob({"model": model_hash, "data": data.identity(cfg.data), "n_eval": cfg.data.get("n_eval"),
                   "subset_seed": cfg.data.get("subset_seed", 0), "amp": amp_name(cfg),
                   "device": str(resolve_device(cfg.device)), "extra": list(extra)})
+
+
+_BY_NAME = {c.name: c for c in CACHES}
+
+
+class ImagesMemo:
+    """The evaluators' memo (robustsweep.steps.evaluate.Memo) for one model and images: cache
+    ``name`` of this module, keyed by ``images_key(cfg, model_hash, name, *key)``."""
+
+    def __init__(self, cfg: DictConfig, model_hash: str) -> None:
+        self.cfg, self.model_hash = cfg, model_hash
+
+    def get(self, cache: str, *key: Any) -> Any:
+        return _BY_NAME[cache].get(images_key(self.cfg, self.model_hash, cache, *key))
+
+    def put(self, cache: str, value: Any, *key: Any) -> None:
+        _BY_NAME[cache].put(images_key(self.cfg, self.model_hash, cache, *key), value)

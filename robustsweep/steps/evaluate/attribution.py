@@ -1,4 +1,5 @@
-"""Integrated Gradients (Sundararajan et al. 2017, arXiv:1703.01365) via captum.
+"""The ``attribution`` evaluator: Integrated Gradients (Sundararajan et al. 2017,
+arXiv:1703.01365) via captum. Configured by the ``attribution`` group (``none`` turns it off).
 
 For K fixed images (one per class from the evaluation subset: the same indices in every job of
 a sweep), attribute the true-label logit for the clean and the adversarial input. The completeness
@@ -18,19 +19,23 @@ shared by the clean and adversarial map of the row, so the two can be compared.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are files
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients
-from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from robustsweep.attacks import frozen
+from robustsweep.core.guards import attack_checked, check_unit_range, frozen
+from robustsweep.core.params import check, nonnegative_int, positive_int
+from robustsweep.steps.data import to_float
+from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+
+if TYPE_CHECKING:  # captum and matplotlib are imported when a job attributes, not before
+    from captum.attr import IntegratedGradients
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
     recomputed: on pruned CIFAR ResNets one image in six may need 512 steps, the rest 64.
     ``clean``: the clean half from an earlier call with the same model, images and settings (it
     does not depend on the attack or eps); returned as the second value for the next call."""
-    from robustsweep.checks import check_unit_range
+    from captum.attr import IntegratedGradients
 
     check_unit_range(x, "IG inputs")
     check_unit_range(x_adv, "IG adversarial inputs")
@@ -156,6 +161,8 @@ def _template(k: int, channels: int) -> tuple[Figure, np.ndarray, list[Any]]:
     them nothing. A pyplot-free ``Figure``, so nothing accumulates in pyplot's figure list."""
     if (k, channels) in _TEMPLATES:
         return _TEMPLATES[(k, channels)]
+    from matplotlib.figure import Figure  # the Agg canvas: headless, figures are files
+
     height = 2.3 * k + 0.6
     fig = Figure(figsize=(9.5, height))
     axes = fig.subplots(k, 5, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 1, 1, 0.06]})
@@ -209,3 +216,51 @@ def plot_attributions(a: Attributions, classes: list[str], title: str) -> Figure
         bars[r].update_normal(axes[r, 3].images[0])
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def run(ctx: EvalContext) -> Outcome:
+    """IG on k fixed images, clean and attacked; write figure + raw arrays."""
+    cfg, ds, a = ctx.cfg, ctx.ds, ctx.cfg.attribution
+    robust = ctx.results["robust"]
+    k = min(a.n_images, robust.res.n_eval)
+    t0 = time.perf_counter()
+    idx = ds.showcase_idx(k)
+    x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
+    torch.manual_seed(cfg.seed)
+    with frozen(ctx.model):
+        x_adv = attack_checked(robust.attack, x, y, ctx.eps)[0].detach()
+    # The clean half does not depend on the attack or eps: one per model and images.
+    key = ("ig", OmegaConf.to_container(a, resolve=True), idx.tolist())
+    attr, clean = integrated_gradients(ctx.model, x, x_adv, y, idx, a.n_steps, a.baseline,
+                                       a.internal_batch_size, max_n_steps=a.get("max_n_steps"),
+                                       clean=ctx.memo.get("ig_clean", *key))
+    ctx.memo.put("ig_clean", clean, *key)
+    fig = plot_attributions(attr, ds.classes, f"{ctx.title} | IG {attr.n_steps} steps, {a.baseline} baseline")
+    out = ctx.stage / "ig"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "ig_maps.png", dpi=110)
+    attr.save_npz(str(out / "attributions.npz"))
+    metrics = {"ig_delta": attr.mean_abs_delta, "ig_n_steps": attr.n_steps,
+               "ig_n_incomplete": attr.n_incomplete, "ig_s": time.perf_counter() - t0}
+    return Outcome(metrics, {"ig_incomplete"} if attr.n_incomplete else set(), attr)
+
+
+def _check(cfg: DictConfig) -> None:
+    nonnegative_int(cfg, "attribution.n_images")
+    if cfg.attribution.n_images > 0:
+        positive_int(cfg, "attribution.n_steps")
+        positive_int(cfg, "attribution.internal_batch_size")
+        check(cfg.attribution.baseline in BASELINES, "attribution.baseline", cfg.attribution.baseline,
+              ", ".join(BASELINES))
+        cap = cfg.attribution.get("max_n_steps")
+        check(cap is None or (isinstance(cap, int) and cap >= cfg.attribution.n_steps),
+              "attribution.max_n_steps", cap,
+              f"null (no doubling) or an integer >= attribution.n_steps ({cfg.attribution.n_steps})")
+
+
+register_evaluator(Evaluator(
+    name="attribution", group="attribution", run=run, reads=("robust",), check=_check,
+    metrics=("ig_delta", "ig_n_steps", "ig_n_incomplete", "ig_s"),
+    reasons={"ig_incomplete": "Integrated Gradients did not reach completeness at the n_steps cap"},
+    enabled=lambda cfg: (cfg.attribution.get("n_images") or 0) > 0,
+))

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.config import ConfigError, resolve_path
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.paths import resolve_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,8 +204,13 @@ def param_entities(cfg: DictConfig) -> list[Any]:
     return [Param(k, v[:6000]) for k, v in params_of(cfg).items()]
 
 
+def component(node: DictConfig, key: str = "name") -> str:
+    """A group node's short name for people: its name, else the last part of its ``_target_``."""
+    return str(node.get(key) or str(node.get("_target_", "?")).rsplit(".", 1)[-1])
+
+
 def run_name(cfg: DictConfig) -> str:
     eps255 = cfg.epsilon * 255
-    return (f"{cfg.model.name}-{cfg.prune.method}-s{cfg.sparsity:.2f}-"
-            f"{cfg.attack.name}-eps{eps255:.3g}/255")
+    return (f"{component(cfg.model)}-{component(cfg.prune, 'method')}-s{cfg.sparsity:.2f}-"
+            f"{component(cfg.attack)}-eps{eps255:.3g}/255")
 

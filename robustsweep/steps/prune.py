@@ -8,13 +8,12 @@ Methods (``prune.method``):
   ln_structured        whole conv output channels with the smallest L2 norm (conv layers only;
                        a linear head's rows are classes and are never removed)
 
-With ``prune.finetune_epochs > 0`` the model is fine-tuned while the pruning re-parametrisation
-(``weight = weight_orig * weight_mask``) is still in place, so masked weights stay zero; the
-masks are made permanent afterwards.
+The masks stay attached (``weight = weight_orig * weight_mask``) until ``make_permanent``, so a
+fine-tune after pruning (the ``defend`` step) keeps masked weights at zero.
 
-Adding a method: one YAML in conf/prune/ (``method: <yours>``) and one function here decorated
-with ``@register_prune("<yours>")`` that applies ``torch.nn.utils.prune`` to ``(module, "weight")``
-pairs.
+Adding a method: one YAML in conf/prune/ with ``_target_: <pkg.module.fn>`` (or ``method: <yours>``
+and one function here decorated with ``@register_prune("<yours>")``): ``fn(targets, amount)`` that
+applies ``torch.nn.utils.prune`` to the ``(name, module)`` pairs' ``weight``.
 """
 
 from __future__ import annotations
@@ -24,22 +23,23 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from robustsweep.registry import Registry
+from robustsweep.core.params import check
+from robustsweep.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Targets = list[tuple[str, nn.Module]]
-PRUNE_METHODS: Registry[Callable[[Targets, float], None]] = Registry()
+PRUNE_METHODS: Registry[Callable[[Targets, float], None]] = Registry("prune", key="method")
 register_prune = PRUNE_METHODS.register
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
     "linear": (nn.Linear,),
 }
-
 
 
 @register_prune("none")
@@ -82,11 +82,24 @@ def select_targets(model: nn.Module, layers: Sequence[str], exclude: Sequence[st
             if isinstance(m, types) and not any(fnmatch.fnmatch(name, p) for p in exclude)]
 
 
-def apply_pruning(model: nn.Module, method: str, amount: float, layers: Sequence[str],
+def check_prune_config(node: DictConfig, cfg: DictConfig) -> None:
+    """``prune.*``: a known method (or ``_target_``) and layer types."""
+    PRUNE_METHODS.validate(node, cfg)
+    layers = list(node.get("layers") or [])
+    bad = set(layers) - set(LAYER_TYPES)
+    check(not bad and len(layers) > 0, "prune.layers", layers,
+          f"a non-empty subset of [{', '.join(LAYER_TYPES)}]")
+
+
+def apply_pruning(model: nn.Module, method: str | DictConfig, amount: float, layers: Sequence[str],
                   exclude: Sequence[str] = (), seed: int = 0) -> Targets:
-    """Attach pruning masks (not yet permanent); returns the pruned targets."""
-    targets = select_targets(model, layers, exclude, method)
-    if method != "none" and amount > 0:
+    """Attach pruning masks (not yet permanent); returns the pruned targets. ``method``: a
+    registered name, or the ``prune`` node (which may name a ``_target_``)."""
+    node = method if isinstance(method, DictConfig) else DictConfig({"method": method})
+    name = PRUNE_METHODS.name_of(node)
+    fn = PRUNE_METHODS.resolve(node)
+    targets = select_targets(model, layers, exclude, name)
+    if name != "none" and amount > 0:
         # torch's pruning calls .view(-1) on weights, which fails on channels_last tensors:
         # prune in the default layout, then restore the caller's layout.
         channels_last = any(p.dim() == 4 and not p.is_contiguous()
@@ -94,7 +107,7 @@ def apply_pruning(model: nn.Module, method: str, amount: float, layers: Sequence
                             for p in model.parameters())
         model.to(memory_format=torch.contiguous_format)
         torch.manual_seed(seed)  # random_unstructured draws from the global RNG
-        PRUNE_METHODS[method](targets, amount)
+        fn(targets, amount)
         if channels_last:
             model.to(memory_format=torch.channels_last)
     return targets

@@ -1,7 +1,7 @@
 """Sweeps in MLflow: one parent run per sweep, one child run per cell, resumable by cell identity.
 
-* ``cell_id`` = SHA-256 of the resolved config that determines a cell's results: everything except
-  output paths, tracking, search and check settings and Hydra's own node. Same cell, same id, in any sweep.
+* ``cell_id`` = SHA-256 of the canonical config that determines a cell's results
+  (robustsweep.tracking.identity). Same cell, same id, in any sweep.
 * A sweep is identified by its override list (``sweep_id``); relaunching the same command reuses
   the same parent run, so a resumed sweep still shows as one parent with all its children.
 * Resume: cells that already have a FINISHED run with their ``cell_id`` are skipped (the
@@ -18,10 +18,12 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from robustsweep.tracking.identity import lookup_ids
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +32,9 @@ CELL_TAG = "robustsweep.cell_id"
 SWEEP_TAG = "robustsweep.sweep_id"
 ROLE_TAG = "robustsweep.role"
 ERROR_TAG = "robustsweep.error"
+SUSPECT_TAG = "suspect"  # comma-separated reasons (README "What we check on every run")
 TRIAL_ENV = "ROBUSTSWEEP_OPTUNA_TRIAL"  # set per job by the Optuna sweeper (hydra.job.env_set)
 STUDY_ENV = "ROBUSTSWEEP_OPTUNA_STUDY"
-# config nodes that cannot change a cell's numbers (checks only add sanity metrics and tags)
-NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks")
-
-
-def cell_id(cfg: DictConfig) -> str:
-    """16-hex SHA-256 of the resolved config minus paths, tracking and Hydra settings."""
-    from robustsweep.config import amp_name, parse_epsilon
-
-    c = OmegaConf.to_container(cfg, resolve=False)
-    for k in NOT_RESULTS:
-        c.pop(k, None)
-    c["epsilon"] = parse_epsilon(c["epsilon"])  # "8/255" and 0.0313725... are the same cell
-    # perf.* changes how fast, not what: only amp (bf16 arithmetic) can change a result.
-    c.pop("perf", None)
-    if (amp := amp_name(cfg)) != "none":
-        c["perf"] = {"amp": amp}
-    c = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))
-    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
-
 
 def sweep_id(task_overrides: Iterable[str], experiment: str) -> str:
     """Identity of a sweep command: its overrides (order-free) minus tracking.resume/hydra.*."""
@@ -71,6 +55,15 @@ def finished_cells(client: Any, experiment_id: str, ids: Iterable[str]) -> dict[
     return found
 
 
+def finished_run(client: Any, experiment_id: str, cfg: DictConfig) -> str | None:
+    """The run_id of a FINISHED run of the cell ``cfg`` describes (under its current id or the id
+    an earlier identity scheme gave it: robustsweep.tracking.identity), else None."""
+    for cid in lookup_ids(cfg):
+        if found := finished_cells(client, experiment_id, [cid]):
+            return found[cid]
+    return None
+
+
 def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
     """Mark RUNNING runs of a cell FAILED (left by a killed process); return how many."""
     stale = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
@@ -81,24 +74,6 @@ def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
     if stale:
         log.warning("cell %s: marked %d stale RUNNING run(s) FAILED", cid, len(stale))
     return len(stale)
-
-
-def compose_and_validate(config_loader: Any, master_config: DictConfig,
-                         jobs: Iterable[Sequence[str]]) -> tuple[list[DictConfig], list[str]]:
-    """Compose each job's config as Hydra's launcher will and run ``config.validate`` on it.
-
-    Returns the validated configs and one ``job [overrides]: message`` line per invalid job, so a
-    sweeper can refuse the whole sweep before the first job starts."""
-    from robustsweep.config import ConfigError, validate
-
-    cfgs, errors = [], []
-    for overrides in jobs:
-        cfg = config_loader.load_sweep_config(master_config=master_config, sweep_overrides=list(overrides))
-        try:
-            cfgs.append(validate(cfg))
-        except ConfigError as e:
-            errors.append(f"job [{' '.join(overrides)}]: {e}")
-    return cfgs, errors
 
 
 def finished_children(client: Any, parent_run_id: str, experiment_id: str | None = None) -> list[Any]:

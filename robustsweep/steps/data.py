@@ -1,14 +1,15 @@
 """Datasets, decoded once into uint8 tensors that stay resident on the device.
 
 Every loader returns a ``Dataset``: ``x_*`` uint8 NCHW in [0, 255], ``y_*`` int64, plus the
-per-channel mean/std the model normalises with *inside* its forward (see models.py), so attacks
-and eps always work on [0, 1] pixels. Decoding happens once per process per dataset
+per-channel mean/std the model normalises with *inside* its forward (see models.py), so attacks and
+eps always work on [0, 1] pixels. Decoding happens once per process per dataset
 (``functools.lru_cache``): the jobs of a multirun share it.
 
-Adding a dataset: one YAML in conf/data/ with ``name: <yours>`` and one function here decorated
-with ``@register_dataset("<yours>")`` that returns ``(x_train, y_train, x_test, y_test, classes)``
-(or ``(f, None, x_test, y_test, classes)`` with ``f() -> (x_train, y_train)`` to decode the
-training split only when something trains).
+Adding a dataset: one YAML in conf/data/ with ``_target_: <pkg.module.loader>`` (or ``name:
+<yours>`` and one function here decorated with ``@register_dataset("<yours>")``), a loader
+``f(cfg)`` that returns ``(x_train, y_train, x_test, y_test, classes)`` (or ``(f, None, x_test,
+y_test, classes)`` with ``f() -> (x_train, y_train)`` to decode the training split only when
+something trains).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.config import ConfigError, resolve_path
-from robustsweep.progress import progress
-from robustsweep.registry import Registry
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.paths import resolve_path
+from robustsweep.core.progress import progress
+from robustsweep.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
-DATASETS: Registry[Callable[[DictConfig], Arrays]] = Registry()
+DATASETS: Registry[Callable[[DictConfig], Arrays]] = Registry("data")
 register_dataset = DATASETS.register
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -173,6 +175,7 @@ def _imagefolder(cfg: DictConfig) -> Arrays:
 
 def check_data_config(cfg: DictConfig) -> None:
     """Cheap checks of a data config, before anything is decoded (called by validate())."""
+    DATASETS.validate(cfg, cfg)
     if cfg.get("n_eval") is not None and (not isinstance(cfg.n_eval, int) or cfg.n_eval <= 0):
         raise ConfigError(f"data.n_eval={cfg.n_eval!r} is not valid; allowed: null (whole test "
                           f"split) or an integer > 0")
@@ -185,29 +188,47 @@ def check_data_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"data.{key}={list(vals)!r} is not valid; allowed: null (computed "
                                   f"from the training split) or per-channel values in "
                                   f"{'(0, 1]' if lo_open else '[0, 1]'} pixel units (not 0..255)")
-    if cfg.name == "imagefolder":
-        if OmegaConf.is_missing(cfg, "root") or not cfg.root:
-            raise ConfigError("data.root is missing; allowed: a folder with train/<class>/* and "
-                              "test/<class>/* images, e.g. data.root=../shared/data/cifar10-jpg")
-        root = resolve_path(cfg.root)
-        for split in ("train", "test"):
-            d = root / split
-            if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-                raise ConfigError(
-                    f"data.root={str(cfg.root)!r}: no {split}/<class>/ folders in {root}; allowed: "
-                    f"a folder with train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder layout)"
-                )
-        if not isinstance(cfg.size, int) or cfg.size <= 0:
-            raise ConfigError(f"data.size={cfg.size!r} is not valid; allowed: an integer > 0")
-        if cfg.channels not in (1, 3):
-            raise ConfigError(f"data.channels={cfg.channels!r} is not valid; allowed: 1, 3")
+
+
+def _check_imagefolder(cfg: DictConfig, _: DictConfig) -> None:
+    """``data=imagefolder``: the root holds train/<class>/ and test/<class>/ folders."""
+    if OmegaConf.is_missing(cfg, "root") or not cfg.root:
+        raise ConfigError("data.root is missing; allowed: a folder with train/<class>/* and "
+                          "test/<class>/* images, e.g. data.root=../shared/data/cifar10-jpg")
+    root = resolve_path(cfg.root)
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise ConfigError(
+                f"data.root={str(cfg.root)!r}: no {split}/<class>/ folders in {root}; allowed: "
+                f"a folder with train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder layout)"
+            )
+    if not isinstance(cfg.size, int) or cfg.size <= 0:
+        raise ConfigError(f"data.size={cfg.size!r} is not valid; allowed: an integer > 0")
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.channels!r} is not valid; allowed: 1, 3")
+
+
+DATASETS.checks["imagefolder"] = _check_imagefolder
+
+
+def shape_hint(cfg: DictConfig) -> tuple[int, int, int]:
+    """(channels, image size, classes) of a data config without decoding anything: what a
+    ``model._target_`` is built with when validate() checks that it returns an ``nn.Module``."""
+    if cfg.get("name") == "digits" and not cfg.get("_target_"):
+        return 1, 8, 10
+    if cfg.get("name") == "imagefolder" and not cfg.get("_target_"):
+        train = resolve_path(cfg.root) / "train"
+        return int(cfg.channels), int(cfg.size), sum(p.is_dir() for p in train.iterdir())
+    return int(cfg.get("channels", 3)), int(cfg.get("size", 32)), int(cfg.get("num_classes", 10))
 
 
 # ------------------------------------------------------------------------------------- facade
 def _checked(x: np.ndarray, name: str) -> np.ndarray:
-    if x.dtype != np.uint8:
-        raise ConfigError(f"data.name={name!r}: the loader returned {x.dtype} images; allowed: "
-                          f"uint8 pixels in [0, 255] (normalisation happens inside the model)")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+        raise ConfigError(f"data={name!r}: the loader returned {getattr(x, 'dtype', type(x).__name__)} "
+                          f"images of shape {getattr(x, 'shape', '?')}; allowed: NCHW uint8 pixels in [0, 255] "
+                          f"(normalisation happens inside the model)")
     return x
 
 
@@ -216,13 +237,13 @@ def _load_cpu(key: str) -> tuple[np.ndarray, np.ndarray, list[str], Callable[[],
                                  Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]]:
     """Test split now; training split and its per-channel statistics when first asked for."""
     cfg = OmegaConf.create(key)
-    x_tr, y_tr, x_te, y_te, classes = DATASETS[cfg.name](cfg)
-    _checked(x_te, cfg.name)
+    x_tr, y_tr, x_te, y_te, classes = DATASETS.resolve(cfg)(cfg)
+    _checked(x_te, DATASETS.name_of(cfg))
 
     @functools.cache
     def train() -> tuple[np.ndarray, np.ndarray]:
         x, y = x_tr() if callable(x_tr) else (x_tr, y_tr)
-        return _checked(x, cfg.name), y
+        return _checked(x, DATASETS.name_of(cfg)), y
 
     @functools.cache
     def stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -298,10 +319,10 @@ def load_dataset(cfg: DictConfig, device: torch.device | str = "cpu") -> Dataset
         return _on_device(x, dev), _on_device(y, dev)
 
     ds = Dataset(
-        name=cfg.name, classes=classes,
+        name=DATASETS.name_of(cfg), classes=classes,
         x_test=_on_device(x_te, dev), y_test=_on_device(y_te, dev),
         eval_idx=eval_idx.to(dev), _train=train_on_device, _stats=stats,
     )
     log.info("data %s: %d test images of shape %s, eval subset %d (training split: decoded when "
-             "needed)", cfg.name, n_test, ds.shape, n_eval)
+             "needed)", ds.name, n_test, ds.shape, n_eval)
     return ds

@@ -3,20 +3,30 @@
 So eps is always in pixel units, attacks clip to [0, 1], and nobody can feed normalised tensors
 to an attack by mistake. ``mean``/``std`` are buffers: they travel with every checkpoint.
 
-Adding a model: one YAML in conf/model/ with ``name: <yours>`` and one function here decorated
-with ``@register_model("<yours>")`` taking ``(in_channels, num_classes, image_size, **cfg)``.
+Adding a model: ``model=custom model._target_=mypkg.nets.wide_resnet +model.depth=28`` (any
+importable callable returning an ``nn.Module``; it receives whichever of ``in_channels``,
+``num_classes``, ``image_size`` it accepts, plus the node's other keys), or one YAML in
+conf/model/ with ``name: <yours>`` and one function here decorated with ``@register_model("<yours>")``
+taking ``(in_channels, num_classes, image_size, **cfg)``. Either way the network gets the same
+normalising wrapper, guards and checks.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from robustsweep.registry import Registry
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.params import check
+from robustsweep.core.paths import resolve_path
+from robustsweep.core.registry import TARGET, Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry()
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
 
 
@@ -120,13 +130,65 @@ def resnet18(in_channels: int, num_classes: int, image_size: int, **_: object) -
     return net
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int,
-                mean: tuple[float, ...], std: tuple[float, ...], **kwargs: object) -> Normalized:
-    """Build a registered network wrapped with in-model normalisation."""
-    net = MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                       **kwargs)
-    return Normalized(net, mean, std)
+def build_net(node: DictConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The bare network ``node`` describes (a registered name or a ``_target_``), unwrapped."""
+    fn = MODELS.resolve(node)
+    kwargs: dict[str, Any] = MODELS.kwargs(node, "checkpoint")
+    dims = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    try:
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        dims = {k: v for k, v in dims.items() if takes_all or k in params}
+    except (TypeError, ValueError):  # builtins without a signature: pass everything
+        pass
+    try:
+        net = fn(**dims, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model={MODELS.name_of(node)!r} cannot be built with {sorted({**dims, **kwargs})} "
+                          f"({e}); allowed: a callable taking those keyword arguments") from e
+    if not isinstance(net, nn.Module):
+        key = f"model.{TARGET}" if node.get(TARGET) else "model.name"
+        raise ConfigError(f"{key}={MODELS.name_of(node)!r} returned a {type(net).__name__}, not a "
+                          f"torch.nn.Module; allowed: a callable that builds the network")
+    return net
+
+
+def build_model(node: DictConfig, in_channels: int, num_classes: int, image_size: int,
+                mean: tuple[float, ...], std: tuple[float, ...]) -> Normalized:
+    """Build the network ``node`` describes, wrapped with in-model normalisation."""
+    return Normalized(build_net(node, in_channels, num_classes, image_size), mean, std)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+_PROBED: dict[str, None] = {}  # _target_ models already built once by check_model_config
+
+
+def check_model_config(node: DictConfig, cfg: DictConfig) -> None:
+    """``model.*`` before anything runs: a known name or an importable ``_target_`` that really
+    builds an ``nn.Module`` (built once per process, on the CPU, for the data's shape), and an
+    existing ``model.checkpoint``."""
+    MODELS.validate(node, cfg)
+    ckpt = node.get("checkpoint")
+    if ckpt:
+        path = resolve_path(ckpt)
+        check(path.is_file(), "model.checkpoint", str(ckpt),
+              f"an existing .safetensors/.pt file (looked for {path})")
+    if node.get(TARGET):
+        from robustsweep.steps.data import shape_hint
+
+        c, size, k = shape_hint(cfg.data)
+        probe = repr((MODELS.kwargs(node), c, size, k, node.get(TARGET)))
+        if probe not in _PROBED:
+            try:
+                with torch.device("meta"):  # shapes only: no memory, no time for big networks
+                    build_net(node, c, k, size)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise ConfigError(f"model.{TARGET}={node.get(TARGET)!r} failed to build the network "
+                                  f"({type(e).__name__}: {e}); allowed: a callable that returns an "
+                                  f"nn.Module") from e
+            _PROBED[probe] = None

@@ -15,16 +15,17 @@ FGSM and PGD are written here rather than taken from torchattacks because a swee
 things it lacks: FGSM's direction reused across eps, and PGD that stops attacking an image once it
 is fooled. Without those options both compute exactly what torchattacks does (tested bit for bit).
 
-Adding an attack: one YAML in conf/attack/ with ``name: <yours>`` and one function here decorated
-with ``@register_attack("<yours>")`` returning ``f(images, labels) -> adversarial images`` (give the
-returned object a ``norm = "L2"`` attribute if it is not an L-inf attack).
+Adding an attack: one YAML in conf/attack/ with ``_target_: <pkg.module.callable>`` (called as
+``callable(model, eps=eps, **the YAML's other keys)``, e.g. ``torchattacks.MIFGSM``), or
+``name: <yours>`` and one function here decorated with ``@register_attack("<yours>")``; either
+returns ``f(images, labels) -> adversarial images`` (give it a ``norm = "L2"`` attribute if it is
+not an L-inf attack: the guard checks the ball in that norm).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +33,20 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from robustsweep.data import to_float
-from robustsweep.progress import progress
-from robustsweep.registry import Registry
+from robustsweep.core.guards import attack_checked, check_unit_range, frozen
+from robustsweep.core.params import check, parse_epsilon, positive_int
+from robustsweep.core.progress import progress
+from robustsweep.core.registry import TARGET, Registry
+from robustsweep.steps.data import to_float
 
 log = logging.getLogger(__name__)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ATTACKS: Registry[Callable[..., AttackFn]] = Registry()
+# attack.name -> f(model, eps, **attack keys) -> attack; or attack._target_: any callable of that
+# shape, e.g. torchattacks.MIFGSM (conf/attack/mifgsm.yaml: a torchattacks attack by YAML alone).
+ATTACKS: Registry[Callable[..., AttackFn]] = Registry("attack")
 register_attack = ATTACKS.register
-EPS_TOL = 1e-6
+STEP_KEYS = ("step_size", "alpha")  # step sizes may be written as fractions ("2/255")
 
 
 @register_attack("none")
@@ -137,7 +142,26 @@ def fgsm(model: nn.Module, eps: float, **_: object) -> FGSM:
     return FGSM(model, eps)
 
 
-@register_attack("pgd")
+def _check_pgd(node: DictConfig, cfg: DictConfig) -> None:
+    positive_int(cfg, "attack.steps")
+    check(isinstance(node.get("early_stop", False), bool), "attack.early_stop", node.get("early_stop"),
+          "true or false")
+    step = node.get("step_size")
+    if step is not None:
+        allowed = "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1], e.g. 2/255"
+        try:
+            value = parse_epsilon(step)
+        except ValueError:
+            value = -1.0
+        check(0 < value <= 1, "attack.step_size", step, allowed)
+        # A step larger than the ball is clipped back every step: PGD degenerates into
+        # projected sign noise. Almost always a mix-up of eps and step (2/255 vs 8/255).
+        eps = parse_epsilon(cfg.epsilon)
+        check(value <= eps or eps == 0, "attack.step_size", step,
+              f"a step <= epsilon ({eps:.6g}); or null to scale with epsilon (2.5*eps/steps)")
+
+
+@register_attack("pgd", check=_check_pgd)
 def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
         random_start: bool = True, early_stop: bool = False, **_: object) -> PGD:
     """L-inf PGD (see ``PGD``).
@@ -149,85 +173,35 @@ def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None =
                early_stop=early_stop)
 
 
+def check_attack_config(node: DictConfig, cfg: DictConfig) -> None:
+    """``attack.*``: the chosen attack's own checks, and ``attack.batch_size``."""
+    ATTACKS.validate(node, cfg)
+    bs = node.get("batch_size", "auto")
+    if bs != "auto":
+        check(isinstance(bs, int) and not isinstance(bs, bool) and bs > 0, "attack.batch_size", bs,
+              "auto (128 on CPU, 1024 on CUDA) or an integer > 0")
+
+
 def attack_kwargs(cfg: DictConfig | dict, **overrides: object) -> dict[str, object]:
     """What an attack is built from: ``cfg``'s keys (``overrides`` replacing them, e.g.
-    ``name="fgsm"``) minus ``batch_size``, with ``step_size`` parsed ("2/255" -> float)."""
+    ``name="fgsm"``, which also drops a ``_target_``) minus ``batch_size``, with step sizes parsed
+    ("2/255" -> float)."""
     kwargs = {**{k: v for k, v in cfg.items() if k != "batch_size"}, **overrides}
-    if kwargs.get("step_size") is not None:
-        from robustsweep.config import parse_epsilon
-
-        kwargs["step_size"] = parse_epsilon(kwargs["step_size"])
+    if "name" in overrides:
+        kwargs.pop(TARGET, None)
+    for k in STEP_KEYS:
+        if kwargs.get(k) is not None:
+            kwargs[k] = parse_epsilon(kwargs[k])  # type: ignore[arg-type]
     return kwargs
 
 
 def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, **overrides: object) -> AttackFn:
     """The attack ``cfg`` describes (``overrides`` replace its keys, e.g. ``name="fgsm"``)."""
     kwargs = attack_kwargs(cfg, **overrides)
-    name = kwargs.pop("name")
-    return ATTACKS[name](model, eps=eps, **kwargs)
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` for the duration; both restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
-
-
-class AttackGuardError(RuntimeError):
-    """An attack produced an input outside the threat model."""
-
-
-def perturbation_norm(delta: torch.Tensor, norm: str) -> float:
-    """Largest per-image norm of ``delta`` (N, ...): L-inf or L2, in pixel units."""
-    if delta.numel() == 0:
-        return 0.0
-    flat = delta.flatten(1)
-    if norm == "Linf":
-        return flat.abs().amax().item()
-    if norm == "L2":
-        return flat.norm(dim=1).amax().item()
-    raise AttackGuardError(f"unknown attack norm {norm!r}; allowed: Linf, L2")
-
-
-def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str = "Linf",
-                      y_before: torch.Tensor | None = None, y_after: torch.Tensor | None = None) -> float:
-    """Raise ``AttackGuardError`` unless ``x_adv`` is a valid attack on ``x``; return its distance.
-
-    Valid: same shape and dtype, finite, inside the eps-ball (``norm``, +1e-6), inside [0, 1], and
-    the labels the attack was given unchanged (``y_before`` is a copy taken before the call)."""
-    if x_adv.shape != x.shape or x_adv.dtype != x.dtype:
-        raise AttackGuardError(f"attack changed the batch {tuple(x.shape)} {x.dtype} -> "
-                               f"{tuple(x_adv.shape)} {x_adv.dtype}")
-    if y_before is not None and y_after is not None and not torch.equal(y_before, y_after):
-        raise AttackGuardError("attack modified the labels it was given")
-    if not torch.isfinite(x_adv).all():
-        raise AttackGuardError("adversarial batch contains NaN or inf")
-    dist = perturbation_norm(x_adv - x, norm)
-    if dist > eps + EPS_TOL:
-        raise AttackGuardError(f"adversarial batch leaves the eps-ball: {norm} {dist:.6g} > eps {eps:.6g}")
-    lo, hi = (x_adv.min().item(), x_adv.max().item()) if x_adv.numel() else (0.0, 1.0)
-    if lo < 0.0 or hi > 1.0:
-        raise AttackGuardError(f"adversarial batch leaves [0, 1]: range [{lo:.4g}, {hi:.4g}]")
-    return dist
-
-
-def attack_checked(attack: AttackFn, x: torch.Tensor, y: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, float]:
-    """``attack(x, y)`` put through ``check_adversarial`` (in the attack's norm, with the labels
-    compared to a copy taken before the call); the adversarial batch and its distance."""
-    y_before = y.clone()
-    x_adv = attack(x, y)
-    return x_adv, check_adversarial(x, x_adv, eps, getattr(attack, "norm", "Linf"), y_before, y)
+    fn = ATTACKS.resolve(DictConfig({k: v for k, v in kwargs.items() if k in ("name", TARGET)}))
+    kwargs.pop("name", None)
+    kwargs.pop(TARGET, None)
+    return fn(model, eps=eps, **kwargs)
 
 
 @torch.inference_mode()
@@ -265,8 +239,6 @@ class EvalResult:
 
 def as_pixels(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float [0, 1]; float images are checked to be in [0, 1] already."""
-    from robustsweep.checks import check_unit_range
-
     if x.dtype == torch.uint8:
         return to_float(x)
     check_unit_range(x, "evaluation images")

@@ -1,0 +1,128 @@
+"""The typed config schema, registered in Hydra's ConfigStore as ``base_config``.
+
+It is the first entry of ``conf/config.yaml``'s defaults list, so ``sparsity=abc`` or ``seed=1.5``
+fail while Hydra composes the config. Value checks (ranges, cross-key rules) come after, in
+``robustsweep.config.validate``, which asks each component to check its own keys.
+
+Group nodes (data, model, prune, attack, ...) are plain YAML under ``conf/<group>/``: each may
+name a registered plug-in (``name:``/``method:``) or any importable callable (``_target_:``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+
+# Fine-tuning after compression lived in prune.* until the `defend` group replaced it. The old
+# keys stay accepted (robustsweep.config normalises them into `defend` with a deprecation warning,
+# the same cell id as the new spelling); they default to null here so that no prune YAML carries them.
+DEPRECATED_PRUNE_KEYS = ("finetune_epochs", "finetune_lr")
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths are resolved against the directory the command was launched from.
+    output_dir: str = "outputs"
+
+
+class Sampler(Enum):
+    bisection = "bisection"  # 1-D monotone: halves the bracket (robustsweep.search.BisectionSampler)
+    tpe = "tpe"  # Optuna TPE with the safety criterion as a constraint
+    gp = "gp"  # Optuna's Gaussian-process sampler, same constraint
+    random = "random"
+
+
+class Criterion(Enum):
+    asr = "asr"
+    robust_acc = "robust_acc"
+
+
+class Direction(Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+@dataclass
+class SearchConfig:
+    """``search=cliff``: an Optuna study over Hydra jobs (hydra_plugins/robustsweep_optuna).
+
+    The searched keys and ranges live in ``hydra.sweeper.params`` (or on the command line,
+    ``sparsity=interval(0,0.99)``); these keys say what to optimise and how.
+    """
+
+    param: str = "sparsity"  # the key whose cliff is located
+    reference: float = 0.0  # value of `param` for the dense reference (trial 0)
+    criterion: Optional[Criterion] = Criterion.asr  # noqa: UP045 ; null = plain optimisation
+    delta: float = 0.10  # safe: criterion worsens by at most this (fraction, 0..1)
+    delta_acc: float = 0.05  # safe: clean accuracy falls by at most this (fraction, 0..1)
+    objective: str = "sparsity"  # a searched key or a metric the job returns
+    direction: Direction = Direction.maximize
+    sampler: Sampler = Sampler.bisection
+    n_trials: int = 20  # total over all launches of the study (a relaunch continues to it)
+    n_jobs: int = 1  # trials launched together (Hydra launcher batch)
+    tol: float = 0.01  # bisection stops when the bracket is this narrow
+    max_failure_rate: float = 0.25  # of n_trials; more failed trials stop the study
+    storage: Optional[str] = None  # noqa: UP045 ; null = journal file under paths.output_dir
+    study_name: Optional[str] = None  # noqa: UP045 ; null = derived from the fixed overrides
+    seed: int = 0  # sampler seed
+
+
+@dataclass
+class ChecksConfig:
+    """Sanity checks of every cell's attack result (the `sanity` evaluator; README "What we check")."""
+
+    sanity: bool = True  # eps=0, eps=1, PGD vs FGSM, PGD vs noise on n_probe correct images
+    n_probe: int = 64  # images the per-cell sanity checks attack (first correct eval images)
+    tol: float = 0.05  # ASR slack for PGD >= FGSM and for "ASR does not fall as eps grows"
+
+
+class Amp(Enum):
+    none = "none"  # float32 throughout
+    bf16 = "bf16"  # bfloat16 autocast for attacks and evaluation (IG stays float32)
+
+
+@dataclass
+class PerfConfig:
+    """How fast, never what: results are the same with any of these (amp aside; see README
+    "Performance"). ``perf.amp`` is part of a cell's identity, the rest is not."""
+
+    # Share across the jobs of one process what does not depend on the cell: pruned models,
+    # clean predictions, FGSM directions, clean IG maps (robustsweep.tracking.reuse).
+    reuse: bool = True
+    amp: Amp = Amp.none
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per shape
+
+
+@dataclass
+class Config:
+    """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
+
+    sparsity: float = 0.0
+    # A float, or a fraction as written in papers ("8/255"); parsed by parse_epsilon().
+    epsilon: Union[float, int, str] = "8/255"  # noqa: UP007  (OmegaConf needs typing.Union)
+    seed: int = 0
+    device: str = "auto"
+    data: Any = None
+    model: Any = None
+    train: Any = None
+    objective: Any = None  # the dense baseline's training objective (conf/objective/)
+    prune: Any = field(default_factory=lambda: dict.fromkeys(DEPRECATED_PRUNE_KEYS))
+    defend: Any = None  # fine-tuning after compression (conf/defend/; none = no fine-tune)
+    attack: Any = None
+    attribution: Any = None
+    tracking: Any = None
+    search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Register the schema (idempotent; Hydra's ConfigStore replaces same-named nodes)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+register_configs()

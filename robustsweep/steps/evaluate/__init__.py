@@ -1,0 +1,150 @@
+"""The evaluate seam: a list of evaluators run on each compressed model.
+
+An evaluator is one module in this package that calls ``register_evaluator(Evaluator(...))``. It
+declares the config group that configures it (with a ``none`` option, so that a user adds or
+sweeps it from the command line), the metric names it returns, the ``suspect`` reasons it can
+raise (with the words a reviewer reads), and which other evaluators' results it reads. Tracking,
+the sweep summary, cells.csv and the Optuna sweeper's objective check read these declarations:
+no metric list is written twice. Modules here import their heavy libraries (captum, matplotlib)
+inside functions, so discovering the evaluators costs nothing a job does not use.
+
+Adding one: a file here with a function ``run(ctx) -> Outcome`` and its registration, and a
+config group ``conf/<group>/{none,<yours>}.yaml`` listed in ``conf/config.yaml``'s defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import DictConfig
+from torch import nn
+
+from robustsweep.core.errors import ConfigError
+
+
+class Memo(Protocol):
+    """What the jobs of one process share (robustsweep.tracking.reuse implements it): values
+    keyed by the cell's model and evaluation images plus ``key``."""
+
+    def get(self, cache: str, *key: Any) -> Any: ...
+
+    def put(self, cache: str, value: Any, *key: Any) -> None: ...
+
+
+class NoMemo:
+    """A memo that remembers nothing (``perf.reuse=false``, tests)."""
+
+    def get(self, cache: str, *key: Any) -> Any:
+        return None
+
+    def put(self, cache: str, value: Any, *key: Any) -> None:
+        return None
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator gets: the compressed model and everything needed to evaluate it."""
+
+    cfg: DictConfig
+    model: nn.Module  # eval mode; must leave it bit-identical (the pipeline checks the hash)
+    fast: nn.Module  # the same model under perf.amp (bf16 autocast) for attacks, else itself
+    model_hash: str
+    ds: Any  # robustsweep.steps.data.Dataset
+    eps: float
+    stage: Path  # files written here are logged as the run's artifacts
+    title: str  # "model method sparsity | attack eps" for figure titles
+    memo: Memo = field(default_factory=NoMemo)
+    results: dict[str, Any] = field(default_factory=dict)  # evaluator name -> Outcome.shared
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float]
+    reasons: set[str] = field(default_factory=set)  # suspect reasons raised
+    shared: Any = None  # what later evaluators that `read` this one get in ctx.results
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    name: str
+    group: str  # the config node that configures it
+    run: Callable[[EvalContext], Outcome]
+    metrics: tuple[str, ...]  # every metric name it may return
+    reasons: dict[str, str] = field(default_factory=dict)  # suspect reason -> what it means
+    reads: tuple[str, ...] = ()  # evaluators whose Outcome.shared it reads (they run first)
+    enabled: Callable[[DictConfig], bool] = lambda cfg: True
+    check: Callable[[DictConfig], None] | None = None  # its own key checks (validate asks)
+
+
+EVALUATORS: dict[str, Evaluator] = {}
+_discovered = False
+
+
+def register_evaluator(ev: Evaluator) -> Evaluator:
+    EVALUATORS[ev.name] = ev
+    return ev
+
+
+def evaluators() -> list[Evaluator]:
+    """Every evaluator, each after the ones it reads (discovered once: every module here)."""
+    global _discovered
+    if not _discovered:
+        for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            importlib.import_module(f"{__name__}.{m.name}")
+        _discovered = True
+    order: list[Evaluator] = []
+
+    def visit(ev: Evaluator, path: tuple[str, ...]) -> None:
+        if ev in order:
+            return
+        if ev.name in path:
+            raise RuntimeError(f"evaluators read each other in a cycle: {' -> '.join((*path, ev.name))}")
+        for dep in ev.reads:
+            visit(EVALUATORS[dep], (*path, ev.name))
+        order.append(ev)
+
+    for ev in sorted(EVALUATORS.values(), key=lambda e: e.name):
+        visit(ev, ())
+    return order
+
+
+def declared_metrics() -> tuple[str, ...]:
+    return tuple(m for ev in evaluators() for m in ev.metrics)
+
+
+def declared_reasons() -> dict[str, str]:
+    return {r: text for ev in evaluators() for r, text in ev.reasons.items()}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Each evaluator's own key checks; its group must be a config node."""
+    for ev in evaluators():
+        if not isinstance(cfg.get(ev.group), DictConfig):
+            raise ConfigError(f"{ev.group}={cfg.get(ev.group)!r} is not valid; allowed: a config group, "
+                              f"pick one with {ev.group}=<option>")
+        if ev.check is not None:
+            ev.check(cfg)
+
+
+def run_evaluators(ctx: EvalContext) -> tuple[dict[str, float], set[str]]:
+    """Run the enabled evaluators in order; their metrics and suspect reasons together."""
+    metrics: dict[str, float] = {}
+    reasons: set[str] = set()
+    for ev in evaluators():
+        if not ev.enabled(ctx.cfg) or any(dep not in ctx.results for dep in ev.reads):
+            continue
+        out = ev.run(ctx)
+        unknown = set(out.metrics) - set(ev.metrics)
+        if unknown or out.reasons - set(ev.reasons):
+            raise RuntimeError(f"evaluator {ev.name} returned undeclared metrics or reasons: "
+                               f"{sorted(unknown | (out.reasons - set(ev.reasons)))}")
+        ctx.results[ev.name] = out.shared
+        metrics.update(out.metrics)
+        reasons |= out.reasons
+    return metrics, reasons
+

@@ -1,0 +1,84 @@
+"""The ``robust`` evaluator: clean accuracy, then the cell's attack (``attack`` group) on the
+evaluation subset -> clean_acc, robust_acc, asr (definitions in robustsweep.steps.attacks).
+
+It also says when the numbers describe a broken model rather than a robust one: a model whose
+clean accuracy is within 1.5x of chance, or that predicts fewer than half of the classes, is
+``collapsed`` (a pruned model predicting 2 of 10 digits has a tiny ASR because it is rarely right,
+not because it is robust). Its asr/robust_acc are still logged; the tag and the summary's hatching
+say how to read them, and the cliff search counts the cell as unsafe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from robustsweep.core.device import attack_batch_size
+from robustsweep.steps.attacks import FGSM, AttackFn, EvalResult, build_attack, check_attack_config, evaluate
+from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+
+log = logging.getLogger(__name__)
+
+CHANCE_FACTOR = 1.5  # clean_acc <= 1.5 / n_classes: indistinguishable from guessing
+
+
+@dataclass
+class Robust:
+    """What later evaluators read: the evaluation result and the attack that produced it."""
+
+    res: EvalResult
+    attack: AttackFn
+
+
+def is_collapsed(clean_acc: float, n_pred_classes: int, n_classes: int) -> bool:
+    """Clean accuracy within ``CHANCE_FACTOR`` of chance, or fewer than half the classes predicted."""
+    return clean_acc <= CHANCE_FACTOR / n_classes or n_pred_classes < n_classes / 2
+
+
+def run(ctx: EvalContext) -> Outcome:
+    cfg, ds, eps = ctx.cfg, ctx.ds, ctx.eps
+    torch.manual_seed(cfg.seed)  # PGD's random start
+    t0 = time.perf_counter()
+    attack = build_attack(ctx.fast, eps, cfg.attack)
+    batch = attack_batch_size(cfg, ds.x_eval.device)
+    # FGSM's loss is a batch mean: the sign is the same at any batch size, short of underflow to 0
+    direction = ctx.memo.get("fgsm_direction", "fgsm", batch) if isinstance(attack, FGSM) else None
+    res = evaluate(ctx.fast, attack, ds.x_eval, ds.y_eval, eps, batch,
+                   desc=f"{cfg.attack.get('name') or 'attack'} eps={eps * 255:.3g}/255",
+                   clean_pred=ctx.memo.get("clean_pred"), direction=direction)
+    ctx.memo.put("clean_pred", res.clean_pred)
+    if res.direction is not None:
+        ctx.memo.put("fgsm_direction", res.direction, "fgsm", batch)
+    n_classes = len(ds.classes)
+    n_pred = int(res.clean_pred.unique().numel())
+    collapsed = is_collapsed(res.clean_acc, n_pred, n_classes)
+    metrics: dict[str, float] = {
+        "clean_acc": res.clean_acc, "robust_acc": res.robust_acc, "asr": res.asr,
+        "n_eval": res.n_eval, "n_correct": res.n_correct, "n_fooled": res.n_fooled,
+        "attack_s": time.perf_counter() - t0,
+        # Work done: images through forward + input-gradient (0 for FGSM with a reused direction;
+        # below n_correct * steps for PGD with early_stop).
+        "attack_n_grad": res.n_grad,
+        "guard_n_batches": res.n_batches_checked, "guard_max_dist": res.max_dist,
+        "n_pred_classes": n_pred, "collapsed": float(collapsed),
+    }
+    if collapsed:
+        log.warning("collapsed model: clean_acc %.3f (chance %.3f), %d of %d classes predicted: "
+                    "asr/robust_acc of this cell describe a broken model", res.clean_acc,
+                    1 / n_classes, n_pred, n_classes)
+    log.info("clean_acc %.4f  robust_acc %.4f  asr %.4f  (n_eval %d, n_correct %d)",
+             res.clean_acc, res.robust_acc, res.asr, res.n_eval, res.n_correct)
+    return Outcome(metrics, {"collapsed"} if collapsed else set(), Robust(res, attack))
+
+
+register_evaluator(Evaluator(
+    name="robust", group="attack", run=run, check=lambda cfg: check_attack_config(cfg.attack, cfg),
+    metrics=("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "n_fooled", "attack_s",
+             "attack_n_grad", "guard_n_batches", "guard_max_dist", "n_pred_classes", "collapsed"),
+    reasons={"collapsed": "the compressed model is degenerate (clean accuracy within 1.5x of chance, "
+                          "or fewer than half of the classes predicted): its asr/robust_acc describe "
+                          "a broken model, not a robust one"},
+))
