@@ -107,3 +107,16 @@ def test_the_collapsed_quickstart_cell_is_tagged_and_still_logged(tmp_path):
     healthy = run(compose([*isolated_overrides(tmp_path), "experiment=quickstart", "sparsity=0.25",
                            "epsilon=0.05", "attribution=none"]))
     assert healthy["collapsed"] == 0.0
+
+
+def test_own_pruning_rule_and_dataset_by_target(tmp_path):
+    m = run(compose([*isolated_overrides(tmp_path), *FAST, "attribution=none", "sparsity=0.5",
+                     "+prune._target_=tests.nets.prune_first_half_rows",
+                     "+data._target_=tests.nets.small_digits"]))
+    assert m["n_eval"] == 120  # the loader's 120 test images
+    # the rule zeroes whole output rows: half the rows of each of the 3 pruned tensors
+    assert m["sparsity_measured"] == pytest.approx(0.5, abs=0.05)
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([client.get_experiment_by_name("robustsweep").experiment_id])
+    assert r.data.params["prune._target_"] == "tests.nets.prune_first_half_rows"
+    assert r.info.run_name.startswith("small_cnn-prune_first_half_rows-s0.50")  # named after the rule

@@ -205,8 +205,10 @@ def param_entities(cfg: DictConfig) -> list[Any]:
 
 
 def component(node: DictConfig, key: str = "name") -> str:
-    """A group node's short name for people: its name, else the last part of its ``_target_``."""
-    return str(node.get(key) or str(node.get("_target_", "?")).rsplit(".", 1)[-1])
+    """A group node's short name for people: the last part of its ``_target_`` (which wins over a
+    name, as in the registries), else its name."""
+    target = node.get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else str(node.get(key))
 
 
 def run_name(cfg: DictConfig) -> str:
