@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 metrics, reasons = evaluate.run_evaluators(evaluate.EvalContext(
                     cfg=cfg, model=m.model, fast=with_amp(m.model, amp_name(cfg)), model_hash=m.model_hash,
                     ds=ds, eps=float(cfg.epsilon), stage=cell.stage, title=_title(cfg, m.measured),
-                    memo=reuse.ImagesMemo(cfg, m.model_hash) if cfg.perf.reuse else evaluate.NoMemo()))
+                    memo=_memo(cfg, m.model_hash), dense=lambda: _baseline(cfg, ds, device)[0],
+                    dense_memo=_memo(cfg, m.dense_hash)))
         except BaseException:
             reuse.PRUNED.drop(reuse.pruned_key(cfg, device))  # whatever happened, rebuild next time
             raise
@@ -78,6 +79,7 @@ class Compressed:
     baseline: dict[str, Any]  # where the dense baseline came from (source, test_acc)
     measured: dict[str, float]  # what the compress stages measured (sparsity_measured, ...)
     model_hash: str  # SHA-256 of the state_dict
+    dense_hash: str  # the same of the dense baseline it was compressed from
 
 
 def compressed_model(cfg: DictConfig, ds: Dataset, device: torch.device) -> Compressed:
@@ -89,17 +91,29 @@ def compressed_model(cfg: DictConfig, ds: Dataset, device: torch.device) -> Comp
         if state_hash(hit.model) == hit.model_hash:
             log.info("reusing the compressed model of an earlier job (%s)", _title(cfg, hit.measured))
             return Compressed(hit.model, {**hit.baseline, "source": f"{hit.baseline['source']}+reused"},
-                              hit.measured, hit.model_hash)
+                              hit.measured, hit.model_hash, hit.dense_hash)
         log.warning("a cached compressed model has changed since it was built: rebuilding it")
         reuse.PRUNED.drop(key)
-    model, base = get_baseline(cfg, ds, device, resolve_path(cfg.paths.output_dir) / "cache" / "baselines")
+    model, base = _baseline(cfg, ds, device)
+    dense_hash = state_hash(model)
     stages = compress.compress(model, cfg)
     defend(model, cfg, ds, changed=any(s.changed for s in stages))
     measured = compress.finalize(stages)
     model.eval()
-    m = Compressed(model, {"source": base["source"], "test_acc": base["test_acc"]}, measured, state_hash(model))
+    m = Compressed(model, {"source": base["source"], "test_acc": base["test_acc"]}, measured, state_hash(model),
+                   dense_hash)
     reuse.PRUNED.put(key, m)
     return m
+
+
+def _memo(cfg: DictConfig, model_hash: str) -> evaluate.Memo:
+    """What the jobs of this process share about one model and the evaluation images."""
+    return reuse.ImagesMemo(cfg, model_hash) if cfg.perf.reuse else evaluate.NoMemo()
+
+
+def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The dense baseline: a user checkpoint, the cached one, or trained now (and cached)."""
+    return get_baseline(cfg, ds, device, resolve_path(cfg.paths.output_dir) / "cache" / "baselines")
 
 
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   heatmap_asr.png, heatmap_robust_acc.png   sparsity x eps, one panel per (attack, prune method)
   curves.png                                clean_acc and asr vs sparsity, 95 % Wilson intervals
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
+  drift.png                                 attribution-drift metrics vs sparsity with 95 % bootstrap bands
   cells.csv                                 every cell's params, metrics and `suspect` tag
 
 Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
@@ -221,6 +222,45 @@ def attention_drift(client: Any, cells: list[dict[str, Any]], max_images: int = 
     return fig
 
 
+DRIFT_PANELS = (("drift_spearman", "rank correlation of |attribution|\nwith the dense model's"),
+                ("drift_topk", "top-10 % pixel overlap\nwith the dense model's"),
+                ("drift_cosine", "cosine of the signed maps\nwith the dense model's"),
+                ("ig_hf_share", "high-frequency share\n(energy above Nyquist/2)"),
+                ("ig_gini", "concentration (Gini)\nof |attribution|"))
+
+
+def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
+    """Each drift metric vs sparsity with its 95 % bootstrap band: one line per (prune method,
+    attack, eps), solid for clean inputs, dashed for adversarial ones (None without drift)."""
+    cells = [c for c in cells if not math.isnan(c.get("drift_spearman", math.nan))]
+    if not cells:
+        return None
+    fig, axes = plt.subplots(1, len(DRIFT_PANELS), figsize=(4.0 * len(DRIFT_PANELS), 3.9),
+                             constrained_layout=True)
+    lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        lines[(c["prune.method"], c["attack.name"], c["epsilon"])].append(c)
+    for n, ((method, attack, eps), cs) in enumerate(sorted(lines.items())):
+        cs = sorted(cs, key=lambda c: c["sparsity"])
+        xs = [c["sparsity"] for c in cs]
+        color = f"C{n % 10}"
+        for ax, (metric, title) in zip(axes, DRIFT_PANELS, strict=True):
+            for suffix, style in (("", "o-"), ("_adv", "s--")):
+                ys = [c[metric + suffix] for c in cs]
+                label = f"{method}, {attack} {_eps_label(eps)}/255" + (" (adversarial)" if suffix else "")
+                ax.plot(xs, ys, style, color=color, markersize=4, label=label)
+                ax.fill_between(xs, [c[metric + suffix + "_lo"] for c in cs],
+                                [c[metric + suffix + "_hi"] for c in cs], color=color, alpha=0.15)
+            if metric == "ig_hf_share":
+                ax.axhline(cs[0]["ig_hf_share_dense"], color=color, lw=0.8, ls=":")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("sparsity")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Attribution drift vs sparsity (mean over images, 95 % bootstrap band; dotted: the "
+                 "dense model's high-frequency share)", fontsize=10)
+    return fig
+
+
 def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the summary files for a sweep into ``out_dir``; return its cells."""
     cells = collect_cells(client, parent_run_id)
@@ -237,6 +277,10 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     fig = attention_drift(client, cells)
     if fig is not None:
         fig.savefig(out_dir / "attention_drift.png", dpi=110)
+        plt.close(fig)
+    fig = drift_figure(cells)
+    if fig is not None:
+        fig.savefig(out_dir / "drift.png", dpi=110)
         plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:

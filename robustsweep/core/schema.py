@@ -113,6 +113,7 @@ class Config:
     defend: Any = None  # fine-tuning after compression (conf/defend/; none = no fine-tune)
     attack: Any = None
     attribution: Any = None
+    drift: Any = None  # attribution drift against the dense model (conf/drift/; none = off)
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     checks: ChecksConfig = field(default_factory=ChecksConfig)

@@ -8,6 +8,9 @@ the sweep summary, cells.csv and the Optuna sweeper's objective check read these
 no metric list is written twice. Modules here import their heavy libraries (captum, matplotlib)
 inside functions, so discovering the evaluators costs nothing a job does not use.
 
+Each evaluator seeds its own randomness (``torch.manual_seed(cfg.seed)`` before an attack or a
+noisy attribution), so adding or removing one never changes another's numbers.
+
 Adding one: a file here with a function ``run(ctx) -> Outcome`` and its registration, and a
 config group ``conf/<group>/{none,<yours>}.yaml`` listed in ``conf/config.yaml``'s defaults.
 """
@@ -60,6 +63,13 @@ class EvalContext:
     title: str  # "model method sparsity | attack eps" for figure titles
     memo: Memo = field(default_factory=NoMemo)
     results: dict[str, Any] = field(default_factory=dict)  # evaluator name -> Outcome.shared
+    # The dense baseline the model was compressed from, loaded on demand (from the baseline cache).
+    dense: Callable[[], nn.Module] = field(default=lambda: _no_dense())
+    dense_memo: Memo = field(default_factory=NoMemo)  # the memo for what is computed from it
+
+
+def _no_dense() -> nn.Module:
+    raise RuntimeError("this evaluation context has no dense baseline (EvalContext.dense)")
 
 
 @dataclass

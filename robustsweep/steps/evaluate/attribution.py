@@ -152,6 +152,23 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
     ), clean
 
 
+def ig_maps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_steps: int, cap: int,
+            internal_batch_size: int) -> np.ndarray:
+    """IG maps (N, C, H, W) of the true-label logit, black baseline, with the same per-image
+    completeness doubling up to ``cap`` steps (for the drift evaluator)."""
+    from captum.attr import IntegratedGradients
+
+    with frozen(model):
+        base = torch.zeros_like(x)
+        with torch.inference_mode():
+            f_base = model(base).gather(1, y[:, None])[:, 0]
+        part = _ig_part(model, IntegratedGradients(model), x, base, f_base, y, n_steps, max(cap, n_steps),
+                        internal_batch_size, "drift")
+    if part.n_bad:
+        log.warning("IG (drift): %d of %d attributions incomplete at n_steps=%d", part.n_bad, len(y), cap)
+    return part.attr.cpu().numpy()
+
+
 _TEMPLATES: dict[tuple[int, int], tuple[Figure, np.ndarray, list[Any]]] = {}
 
 
