@@ -226,6 +226,7 @@ DRIFT_PANELS = (("drift_spearman", "rank correlation of |attribution|\nwith the 
                 ("drift_topk", "top-10 % pixel overlap\nwith the dense model's"),
                 ("drift_cosine", "cosine of the signed maps\nwith the dense model's"),
                 ("ig_hf_share", "high-frequency share\n(energy above Nyquist/2)"),
+                ("drift_hf_delta", "high-frequency share minus\nthe dense model's (same images)"),
                 ("ig_gini", "concentration (Gini)\nof |attribution|"))
 
 
@@ -235,8 +236,8 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
     cells = [c for c in cells if not math.isnan(c.get("drift_spearman", math.nan))]
     if not cells:
         return None
-    fig, axes = plt.subplots(1, len(DRIFT_PANELS), figsize=(4.0 * len(DRIFT_PANELS), 3.9),
-                             constrained_layout=True)
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.6), constrained_layout=True)
+    axes = grid.flatten()
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
         lines[(c["prune.method"], c["attack.name"], c["epsilon"])].append(c)
@@ -253,6 +254,8 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
                                 [c[metric + suffix + "_hi"] for c in cs], color=color, alpha=0.15)
             if metric == "ig_hf_share":
                 ax.axhline(cs[0]["ig_hf_share_dense"], color=color, lw=0.8, ls=":")
+            if metric == "drift_hf_delta":
+                ax.axhline(0, color="0.4", lw=0.8)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("sparsity")
     axes[0].legend(fontsize=6)

@@ -108,7 +108,8 @@ def test_drift_evaluator_end_to_end_with_dense_maps_reused(make_cfg):
     hits = reuse.DRIFT_DENSE.hits
     pruned = run(make_cfg("sparsity=0.5", *over))
     assert reuse.DRIFT_DENSE.hits == hits + 1  # the dense maps came from the memo
-    for k in ("drift_spearman", "drift_topk", "drift_cosine", "ig_hf_share", "ig_gini"):
+    assert dense["drift_hf_delta"] == 0 and dense["drift_hf_delta_lo"] == dense["drift_hf_delta_hi"] == 0
+    for k in ("drift_spearman", "drift_topk", "drift_cosine", "ig_hf_share", "ig_gini", "drift_hf_delta"):
         for s in ("", "_adv"):
             m, lo, hi = pruned[k + s], pruned[k + s + "_lo"], pruned[k + s + "_hi"]
             assert lo <= m <= hi, (k, s)

@@ -12,7 +12,9 @@ attack on the compressed model, so both models are attributed on identical image
 * ``drift_cosine`` — cosine similarity of the signed maps (all channels);
 * ``ig_hf_share`` — the compressed map's high-frequency share: spectral energy (2-D FFT power,
   summed over channels) above half the Nyquist radius, over all energy. The direct test of
-  "relies on high-frequency patterns"; ``ig_hf_share_dense`` is the dense model's;
+  "relies on high-frequency patterns"; ``ig_hf_share_dense`` is the dense model's, and
+  ``drift_hf_delta`` the per-image difference (compressed - dense) on the same images, whose
+  interval says whether compression moved the share beyond the noise;
 * ``ig_gini`` — concentration of |attribution| (Gini coefficient; 0 = uniform, 1 = one pixel);
 
 each as the mean over images with a 95 % percentile-bootstrap interval (``_lo``/``_hi``), and with
@@ -48,7 +50,7 @@ from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register
 
 log = logging.getLogger(__name__)
 
-PAIRED = ("drift_spearman", "drift_topk", "drift_cosine")  # compressed vs dense
+PAIRED = ("drift_spearman", "drift_topk", "drift_cosine", "drift_hf_delta")  # compressed vs dense
 SINGLE = ("ig_hf_share", "ig_gini")  # properties of the compressed model's maps
 METHODS = ("integrated_gradients", "saliency", "smoothgrad", "gradient_shap")
 
@@ -191,8 +193,11 @@ def _summaries(values: dict[str, np.ndarray], suffix: str, node: DictConfig, see
 
 
 def _compare(comp: np.ndarray, dense: np.ndarray, node: DictConfig) -> dict[str, np.ndarray]:
+    hf = hf_share(comp)
     return {"drift_spearman": spearman(comp, dense), "drift_topk": topk_overlap(comp, dense, float(node.topk)),
-            "drift_cosine": cosine(comp, dense), "ig_hf_share": hf_share(comp), "ig_gini": gini(comp)}
+            "drift_cosine": cosine(comp, dense), "ig_hf_share": hf, "ig_gini": gini(comp),
+            # paired over the same images: does compression move the share, beyond the noise?
+            "drift_hf_delta": hf - hf_share(dense)}
 
 
 def run(ctx: EvalContext) -> Outcome:
