@@ -30,6 +30,9 @@ def test_a_new_group_at_its_neutral_default_leaves_every_cell_id_unchanged():
         cfg = _cfg(*over)
         assert cell_id(_with_dummy(cfg, "none")) == cell_id(cfg), over
         assert cell_id(_with_dummy(cfg, "on")) != cell_id(cfg), over  # a real step is part of it
+        # ... and so are the ids of identity v1, by which resume finds cells stored before the seams
+        assert legacy_ids(_with_dummy(cfg, "none")) == legacy_ids(cfg), over
+        assert legacy_ids(_with_dummy(cfg, "on")) == [], over
 
 
 def test_ids_ignore_paths_tracking_checks_perf_but_not_amp():
@@ -54,6 +57,7 @@ def test_legacy_ids_exist_only_for_cells_identity_v1_could_express():
     assert len(legacy_ids(_cfg())) == 1 and len(legacy_ids(_cfg("defend=clean"))) == 1
     assert legacy_ids(_cfg("defend=clean")) != legacy_ids(_cfg())
     assert legacy_ids(_cfg("model=custom", "model._target_=tests.nets.tiny_mlp")) == []
+    assert legacy_ids(_cfg("drift=ig")) == []  # drift did not exist in v1
 
 
 def test_reuse_key_of_the_compressed_model_is_derived_from_the_canonical_config():

@@ -106,3 +106,48 @@ def test_the_checker_catches_an_upward_import_and_a_cycle():
 def test_relative_imports_in_the_plugins_are_resolved():
     g = graph(sources())
     assert "hydra_plugins.robustsweep_optuna._impl" in g["hydra_plugins.robustsweep_optuna.optuna_sweeper"]
+
+
+def defined_names(source: str) -> set[str] | None:
+    """Top-level names a module defines (None: it has a module ``__getattr__`` without a ``_WHERE``
+    table, so any name may exist)."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    lazy = None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            if node.name == "__getattr__":
+                lazy = lazy or set()
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_WHERE" for t in node.targets)
+                    and isinstance(node.value, ast.Dict)):
+                lazy = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    if lazy is not None and not lazy:
+        return None
+    return names | (lazy or set())
+
+
+def test_every_import_of_ours_names_something_that_exists():
+    # ``from robustsweep import sweep`` after sweep.py moved would pass the layer check (it names
+    # the package) and fail only when that line runs; here it fails at once.
+    srcs = sources()
+    missing = []
+    for name, source in sorted(srcs.items()):
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith(
+                    ("robustsweep", "hydra_plugins.robustsweep")):
+                continue
+            if node.module not in srcs:
+                missing.append(f"{name}: no module {node.module}")
+                continue
+            have = defined_names(srcs[node.module])
+            for a in node.names:
+                if f"{node.module}.{a.name}" not in srcs and have is not None and a.name not in have:
+                    missing.append(f"{name}: {node.module} has no {a.name}")
+    assert missing == []

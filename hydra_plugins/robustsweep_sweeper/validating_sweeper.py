@@ -135,7 +135,7 @@ class ValidatingSweeper(BasicSweeper):
 
         Finished cells are already FINISHED runs; the cell that was running is closed FAILED by
         its own run context; a relaunch of the same command runs exactly what is missing."""
-        from robustsweep import sweep as sw
+        from robustsweep.tracking import sweep as sw
 
         now = [i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)]
         not_done = [" ".join(j) for i, j in enumerate(jobs) if i not in now]

@@ -61,6 +61,9 @@ def cell_id(cfg: DictConfig) -> str:
     return digest(canonical(cfg))
 
 
+V1_GROUPS = ("data", "model", "train", "prune", "attack", "attribution")  # the groups v1 hashed
+
+
 def legacy_ids(cfg: DictConfig) -> list[str]:
     """The cell's id under identity v1, if the cell could be expressed then (else [])."""
     c = _base(cfg)
@@ -69,6 +72,9 @@ def legacy_ids(cfg: DictConfig) -> list[str]:
         return []
     if any(isinstance(v, dict) and v.get(TARGET) for v in c.values()):
         return []
+    for k in [k for k, v in c.items() if isinstance(v, dict) and k not in V1_GROUPS and k != "perf"]:
+        if not _is_neutral(c.pop(k)):  # a group v1 did not have: only its `none` existed then
+            return []
     if defend is None or defend.get("name") == NEUTRAL:
         ft = {"finetune_epochs": 0, "finetune_lr": 0.01}  # v1's defaults in every prune YAML
     elif defend.get("name") == "clean" and set(defend) == {"name", "epochs", "lr"}:
