@@ -49,6 +49,10 @@ class NoMemo:
         return None
 
 
+def _no_dense() -> nn.Module:
+    raise RuntimeError("this evaluation context has no dense baseline (EvalContext.dense)")
+
+
 @dataclass
 class EvalContext:
     """What an evaluator gets: the compressed model and everything needed to evaluate it."""
@@ -64,12 +68,8 @@ class EvalContext:
     memo: Memo = field(default_factory=NoMemo)
     results: dict[str, Any] = field(default_factory=dict)  # evaluator name -> Outcome.shared
     # The dense baseline the model was compressed from, loaded on demand (from the baseline cache).
-    dense: Callable[[], nn.Module] = field(default=lambda: _no_dense())
+    dense: Callable[[], nn.Module] = _no_dense
     dense_memo: Memo = field(default_factory=NoMemo)  # the memo for what is computed from it
-
-
-def _no_dense() -> nn.Module:
-    raise RuntimeError("this evaluation context has no dense baseline (EvalContext.dense)")
 
 
 @dataclass

@@ -213,13 +213,12 @@ def run(ctx: EvalContext) -> Outcome:
     comp, comp_adv = (attribute(ctx.model, v, y, node, cfg.seed) for v in (x, x_adv))
     # The dense model's clean maps do not depend on the cell: once per process.
     key = (spec, idx.tolist())
+    dense_model = ctx.dense()  # from the baseline cache (or the user's checkpoint)
     dense = ctx.dense_memo.get("drift_dense", *key)
-    dense_model = None
     if dense is None:
-        dense_model = ctx.dense()
         dense = attribute(dense_model, x, y, node, cfg.seed)
         ctx.dense_memo.put("drift_dense", dense, *key)
-    dense_adv = attribute(dense_model or ctx.dense(), x_adv, y, node, cfg.seed)
+    dense_adv = attribute(dense_model, x_adv, y, node, cfg.seed)  # the cell's adversarial images
 
     clean, adv = _compare(comp, dense, node), _compare(comp_adv, dense_adv, node)
     metrics = {**_summaries(clean, "", node, cfg.seed), **_summaries(adv, "_adv", node, cfg.seed)}
@@ -238,7 +237,7 @@ def run(ctx: EvalContext) -> Outcome:
     out = ctx.stage / "drift"
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "drift.npz", indices=idx.cpu().numpy(),
-                        **{k: v for k, v in clean.items()}, **{f"{k}_adv": v for k, v in adv.items()},
+                        **clean, **{f"{k}_adv": v for k, v in adv.items()},
                         ig_hf_share_dense=hf_share(dense))
     log.info("drift (%s, %d images): spearman %.3f [%.3f, %.3f], hf share %.3f (dense %.3f)",
              node.method, n, metrics["drift_spearman"], metrics["drift_spearman_lo"],
