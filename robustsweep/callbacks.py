@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,14 @@ class SweepSummaryCallback(Callback):
         client = store.Client()
         flagged = crosscheck.check_sweep(client, parent, float(config.checks.tol))
         client.log_metric(parent, "n_suspect_eps", len(flagged))
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                cells = write_summary(client, parent, Path(tmp) / "summary")
-                client.log_artifacts(parent, str(Path(tmp) / "summary"), "summary")
-                log.info("sweep summary of %d cells logged to parent run %s", len(cells), parent)
-            except SummaryError as e:
-                log.warning("no summary: %s", e)
+        # Staged in the sweep's own folder (it stays there, beside the jobs' folders), then logged.
+        out = Path(config.hydra.sweep.dir) / "summary"
+        try:
+            cells = write_summary(client, parent, out)
+            client.log_artifacts(parent, str(out), "summary")
+            log.info("sweep summary of %d cells logged to parent run %s", len(cells), parent)
+        except SummaryError as e:
+            log.warning("no summary: %s", e)
         failures = info["failures"]
         client.set_terminated(parent, "FAILED" if failures else "FINISHED")
         os.environ.pop(sw.PARENT_ENV, None)

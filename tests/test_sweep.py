@@ -56,6 +56,11 @@ def test_sweep_is_one_parent_with_children_and_a_summary(swept):
             "summary/attention_drift.png", "summary/cells.csv"} <= files
     text = Path(client.download_artifacts(parent.info.run_id, "summary/cells.csv")).read_text()
     assert len(list(csv.DictReader(io.StringIO(text)))) == 4
+    # the same files stay on disk in the sweep's folder (the log names it)
+    on_disk = Path(parent.data.tags["hydra.sweep.dir"]) / "summary" / "cells.csv"
+    if not on_disk.is_absolute():
+        on_disk = swept / on_disk
+    assert on_disk.read_text() == text
 
 
 def test_relaunch_skips_finished_cells_and_reuses_the_parent(swept):
