@@ -31,7 +31,7 @@ def _no_user_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_reuse_caches() -> None:
-    """Each test starts without models or predictions cached by an earlier one (robustsweep.reuse)."""
+    """Each test starts without models or predictions cached by an earlier one (robustsweep.tracking.reuse)."""
     from robustsweep.tracking import reuse
 
     reuse.clear()

@@ -7,9 +7,10 @@ Definitions (n = evaluation images, c = images the model classifies correctly wh
 
 Only the c originally-correct images need attacking for these numbers, so only they are.
 The model is in eval mode with parameters frozen throughout: BatchNorm statistics never move and
-no parameter gradients are computed. Every adversarial batch is checked (``check_adversarial``):
-inside the eps-ball in the attack's norm (+1e-6), in [0, 1], same shape, labels untouched; a
-violation stops the run. Float inputs outside [0, 1] are refused before anything is attacked.
+no parameter gradients are computed. Every adversarial batch is checked
+(``robustsweep.core.guards.check_adversarial``): inside the eps-ball in the attack's norm (+1e-6),
+in [0, 1], same shape, labels untouched; a violation stops the run. Float inputs outside [0, 1]
+are refused before anything is attacked.
 
 FGSM and PGD are written here rather than taken from torchattacks because a sweep needs two
 things it lacks: FGSM's direction reused across eps, and PGD that stops attacking an image once it

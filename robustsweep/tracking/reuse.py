@@ -77,7 +77,7 @@ PRUNED: LRU[Any] = LRU("pruned_model", 4)  # (model, baseline info, measured met
 CLEAN_PRED: LRU[Any] = LRU("clean_pred", 16)  # (n_eval,) int64
 FGSM_DIRECTION: LRU[Any] = LRU("fgsm_direction", 4)  # (n_correct, C, H, W) int8
 IG_CLEAN: LRU[Any] = LRU("ig_clean", 8)  # attribution.IGPart
-SANITY: LRU[float] = LRU("sanity", 256)  # one sanity-probe ASR (checks.sanity_probe)
+SANITY: LRU[float] = LRU("sanity", 256)  # one sanity-probe ASR (steps.evaluate.sanity.sanity_probe)
 DRIFT_DENSE: LRU[Any] = LRU("drift_dense", 4)  # the dense model's attribution maps (N, C, H, W)
 CACHES = (PRUNED, CLEAN_PRED, FGSM_DIRECTION, IG_CLEAN, SANITY, DRIFT_DENSE)
 

@@ -82,7 +82,7 @@ def sanity_probe(model: nn.Module, build: Callable[[float, dict[str, Any]], Call
     ``known`` holds ASRs the cell's own evaluation already measured on these images (its ``fgsm``
     or ``pgd``), which are then not recomputed. ``memo(check, eps, overrides, compute)`` may
     return a value an earlier cell computed for the same model, images, check, eps and attack
-    settings (robustsweep.reuse): every check is seeded on its own, so a memoised value is the
+    settings (robustsweep.tracking.reuse): every check is seeded on its own, so a memoised value is the
     one ``compute()`` would give.
     """
     res = SanityResult(n_probe=len(y))
