@@ -25,6 +25,7 @@ from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check
 from robustsweep.core.paths import resolve_path
 from robustsweep.core.registry import TARGET, Registry
+from robustsweep.steps.data import shape_hint
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
@@ -177,8 +178,6 @@ def check_model_config(node: DictConfig, cfg: DictConfig) -> None:
         check(path.is_file(), "model.checkpoint", str(ckpt),
               f"an existing .safetensors/.pt file (looked for {path})")
     if node.get(TARGET):
-        from robustsweep.steps.data import shape_hint
-
         c, size, k = shape_hint(cfg.data)
         probe = repr((MODELS.kwargs(node), c, size, k, node.get(TARGET)))
         if probe not in _PROBED:

@@ -47,6 +47,7 @@ from robustsweep.core.guards import attack_checked, check_unit_range, frozen
 from robustsweep.core.params import check, number_in, positive_int
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate.attribution import ig_maps
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def attribute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConf
     bs = int(node.internal_batch_size)
     with frozen(model):
         if node.method == "integrated_gradients":
-            from robustsweep.steps.evaluate.attribution import ig_maps
-
             return ig_maps(model, x, y, int(node.n_steps), int(node.get("max_n_steps") or node.n_steps), bs)
         out = []
         for i in range(0, len(x), bs):
