@@ -137,7 +137,7 @@ class ValidatingSweeper(BasicSweeper):
         its own run context; a relaunch of the same command runs exactly what is missing."""
         from robustsweep.tracking import sweep as sw
 
-        now = [i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)]
+        now = {i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)}
         not_done = [" ".join(j) for i, j in enumerate(jobs) if i not in now]
         client.set_tag(parent, sw.ERROR_TAG, f"interrupted by {type(e).__name__}")
         client.set_terminated(parent, "KILLED")

@@ -30,8 +30,7 @@ def is_none(node: DictConfig | None) -> bool:
 
 
 def check_defend_config(cfg: DictConfig) -> None:
-    node = cfg.defend
-    check(isinstance(node, DictConfig), "defend", node, "a config group; pick one with defend=<option>")
+    node = cfg.defend  # a config node: validate() checks that before asking the components
     if is_none(node):
         nonnegative_int(cfg, "defend.epochs")
         return

@@ -164,7 +164,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-_PROBED: dict[str, None] = {}  # _target_ models already built once by check_model_config
+_PROBED: set[str] = set()  # _target_ models already built once by check_model_config
 
 
 def check_model_config(node: DictConfig, cfg: DictConfig) -> None:
@@ -190,4 +190,4 @@ def check_model_config(node: DictConfig, cfg: DictConfig) -> None:
                 raise ConfigError(f"model.{TARGET}={node.get(TARGET)!r} failed to build the network "
                                   f"({type(e).__name__}: {e}); allowed: a callable that returns an "
                                   f"nn.Module") from e
-            _PROBED[probe] = None
+            _PROBED.add(probe)

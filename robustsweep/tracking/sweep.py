@@ -44,23 +44,14 @@ def sweep_id(task_overrides: Iterable[str], experiment: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def finished_cells(client: Any, experiment_id: str, ids: Iterable[str]) -> dict[str, str]:
-    """cell_id -> run_id of a FINISHED run, for those of ``ids`` that have one."""
-    found: dict[str, str] = {}
-    for cid in sorted(set(ids)):
-        runs = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
-                                  f"AND attributes.status = 'FINISHED'", max_results=1)
-        if runs:
-            found[cid] = runs[0].info.run_id
-    return found
-
-
 def finished_run(client: Any, experiment_id: str, cfg: DictConfig) -> str | None:
     """The run_id of a FINISHED run of the cell ``cfg`` describes (under its current id or the id
     an earlier identity scheme gave it: robustsweep.tracking.identity), else None."""
     for cid in lookup_ids(cfg):
-        if found := finished_cells(client, experiment_id, [cid]):
-            return found[cid]
+        runs = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
+                                  f"AND attributes.status = 'FINISHED'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
     return None
 
 

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from robustsweep.core.guards import attack_checked, check_unit_range, frozen
+from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, nonnegative_int, positive_int
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
@@ -237,15 +237,13 @@ def plot_attributions(a: Attributions, classes: list[str], title: str) -> Figure
 
 def run(ctx: EvalContext) -> Outcome:
     """IG on k fixed images, clean and attacked; write figure + raw arrays."""
-    cfg, ds, a = ctx.cfg, ctx.ds, ctx.cfg.attribution
+    ds, a = ctx.ds, ctx.cfg.attribution
     robust = ctx.results["robust"]
     k = min(a.n_images, robust.res.n_eval)
     t0 = time.perf_counter()
     idx = ds.showcase_idx(k)
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
-    torch.manual_seed(cfg.seed)
-    with frozen(ctx.model):
-        x_adv = attack_checked(robust.attack, x, y, ctx.eps)[0].detach()
+    x_adv = robust.adversarial(ctx, x, y)
     # The clean half does not depend on the attack or eps: one per model and images.
     key = ("ig", OmegaConf.to_container(a, resolve=True), idx.tolist())
     attr, clean = integrated_gradients(ctx.model, x, x_adv, y, idx, a.n_steps, a.baseline,

@@ -43,7 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from robustsweep.core.guards import attack_checked, check_unit_range, frozen
+from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, number_in, positive_int
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
@@ -205,9 +205,7 @@ def run(ctx: EvalContext) -> Outcome:
     n = min(int(node.n_images), len(ds.eval_idx))
     idx = ds.eval_idx[:n]  # the same images in every cell of a sweep
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
-    torch.manual_seed(cfg.seed)
-    with frozen(ctx.model):
-        x_adv = attack_checked(ctx.results["robust"].attack, x, y, ctx.eps)[0].detach()
+    x_adv = ctx.results["robust"].adversarial(ctx, x, y)
     spec = OmegaConf.to_container(node, resolve=True)
     comp, comp_adv = (attribute(ctx.model, v, y, node, cfg.seed) for v in (x, x_adv))
     # The dense model's clean maps do not depend on the cell: once per process.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from robustsweep.core.device import attack_batch_size
+from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.steps.attacks import FGSM, AttackFn, EvalResult, build_attack, check_attack_config, evaluate
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
 
@@ -31,6 +32,13 @@ class Robust:
 
     res: EvalResult
     attack: AttackFn
+
+    def adversarial(self, ctx: EvalContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The cell's attack on ``x`` (float, [0, 1]): seeded, model frozen, through the guard.
+        What the attribution evaluators attribute as "adversarial inputs"."""
+        torch.manual_seed(ctx.cfg.seed)
+        with frozen(ctx.model):
+            return attack_checked(self.attack, x, y, ctx.eps)[0].detach()
 
 
 def is_collapsed(clean_acc: float, n_pred_classes: int, n_classes: int) -> bool:
