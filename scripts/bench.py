@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="attack.batch_size for ours and the plain way; default: ours' default (auto)")
     ap.add_argument("--amp-on-cpu", action="store_true", help="also time bf16 autocast on CPU")
+    ap.add_argument("--experiment", default="cifar_small", help="the overlay the CIFAR workload starts from")
+    ap.add_argument("--override", action="append", default=[],
+                    help="an extra Hydra override for every job (repeatable), e.g. model.width=32")
     ap.add_argument("--out", default="outputs/bench/bench.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         overhead_jobs = [1, 3]
     else:
         model_name = args.model or ("resnet18" if cuda else "resnet_small")
-        base = ["experiment=cifar_small", f"data.root={Path(args.data_root).resolve()}", f"model={model_name}"]
+        base = [f"experiment={args.experiment}", f"data.root={Path(args.data_root).resolve()}",
+                f"model={model_name}"]
         n_eval = args.n_eval or (10000 if cuda else 500)
         grid = dict(GRID)
         batches = [256, 512, 1024, 2048, 4096] if cuda else [64, 128, 256, 512]
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         growth_n = [n_eval // 2, n_eval, 2 * n_eval] if not cuda else [2500, 5000, 10000]
         growth_cells = [("sparsity", "0,0.25"), ("sparsity", "0,0.25,0.5")]
         overhead_jobs = [1, 5, 10]
-    base = [*base, f"data.n_eval={n_eval}", f"device={device.type}"]
+    base = [*base, f"data.n_eval={n_eval}", f"device={device.type}", *args.override]
     cfg = validate(compose(base))
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

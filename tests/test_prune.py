@@ -125,3 +125,25 @@ def test_resnet18_cifar_variant_prunes_and_predicts():
     assert measured_sparsity(targets) == pytest.approx(0.5, abs=0.005)
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_width_halves_every_stage_and_keeps_torchvision_names():
+    from robustsweep.steps.models import resnet18
+
+    half, full = resnet18(3, 10, 32, width=32), resnet18(3, 10, 32)
+    assert sum(p.numel() for p in full.parameters()) == 11_173_962  # torchvision's ResNet-18, CIFAR stem
+    assert sum(p.numel() for p in half.parameters()) == 2_797_610
+    assert [half.get_submodule(f"layer{i}")[1].conv2.out_channels for i in (1, 2, 3, 4)] == [32, 64, 128, 256]
+    assert half.state_dict().keys() == full.state_dict().keys()
+    with torch.no_grad():
+        assert half.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_train_amp_is_checked_and_absent_from_cpu_recipes():
+    from robustsweep.config import compose, validate
+    from robustsweep.core.errors import ConfigError
+
+    assert "amp" not in compose(["train=cifar"]).train  # their baseline cache keys are unchanged
+    assert compose(["train=cifar_gpu"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.amp.*fp8.*none or bf16"):
+        validate(compose(["+train.amp=fp8"]))

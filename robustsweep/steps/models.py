@@ -121,13 +121,35 @@ def resnet_small(in_channels: int, num_classes: int, image_size: int, width: int
 
 
 @register_model("resnet18")
-def resnet18(in_channels: int, num_classes: int, image_size: int, **_: object) -> nn.Module:
-    """torchvision's ResNet-18 in its CIFAR form: 3x3 stride-1 stem, no max-pool (11.2M params)."""
+def resnet18(in_channels: int, num_classes: int, image_size: int, width: int = 64,
+             **_: object) -> nn.Module:
+    """torchvision's ResNet-18 in its CIFAR form: 3x3 stride-1 stem, no max-pool.
+
+    ``width`` is the first stage's channel count (stages: w, 2w, 4w, 8w). 64 is torchvision's
+    network exactly (11.2M parameters); 32 has ~2.8M, a CPU-trainable net with the same depth.
+    The module names are torchvision's at every width, so its state dicts load.
+    """
     from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models.resnet import BasicBlock
 
     net = tv_resnet18(weights=None, num_classes=num_classes)
-    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     net.maxpool = nn.Identity()
+    net.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+    if width != 64:  # rebuild the stages torchvision hard-codes at 64/128/256/512
+        net.bn1 = nn.BatchNorm2d(width)
+        cin = width
+        for i in range(4):
+            cout, stride = width * 2**i, (1 if i == 0 else 2)
+            down = None
+            if stride != 1 or cin != cout:
+                down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            setattr(net, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, cout, stride, down),
+                                                        BasicBlock(cout, cout)))
+            cin = cout
+        net.fc = nn.Linear(cin, num_classes)
+        for m in net.modules():  # torchvision's own initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return net
 
 

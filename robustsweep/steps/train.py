@@ -75,6 +75,9 @@ def check_train_config(cfg: DictConfig) -> None:
     number_in(cfg, "train.label_smoothing", 0.0, 1.0, "a number in [0, 1)", high_open=True)
     nonnegative_int(cfg, "train.crop_pad")
     check(isinstance(cfg.train.flip, bool), "train.flip", cfg.train.flip, "true or false")
+    # Optional (absent from the CPU recipes, so their baseline cache keys are unchanged).
+    amp = cfg.train.get("amp", "none")
+    check(amp in ("none", "bf16"), "train.amp", amp, "none or bf16")
     OBJECTIVES.validate(cfg.objective, cfg)
 
 
@@ -118,6 +121,10 @@ def train_model(model: nn.Module, ds: Dataset, cfg: DictConfig, seed: int, epoch
     lr = lr if lr is not None else cfg.lr
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    # bf16 autocast (train.amp=bf16): the GPU recipe's matmuls and convolutions in bfloat16; the
+    # weights, the optimiser and the loss stay float32.
+    amp = torch.autocast(ds.x_train.device.type, dtype=torch.bfloat16,
+                         enabled=cfg.get("amp", "none") == "bf16")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     n = len(ds.x_train)
@@ -136,7 +143,8 @@ def train_model(model: nn.Module, ds: Dataset, cfg: DictConfig, seed: int, epoch
         loss_sum, correct = 0.0, 0
         for i in range(0, n, cfg.batch_size):
             x, y = to_float(x_all[i:i + cfg.batch_size]), y_all[i:i + cfg.batch_size]
-            loss, out = loss_fn(model, x, y, objective, cfg)
+            with amp:
+                loss, out = loss_fn(model, x, y, objective, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
