@@ -218,6 +218,7 @@ def check_installed(env: dict) -> None:
 
 def run(pack_dir: Path, out: Path, toy: bool, budget_s: float, work: Path) -> dict:
     deadline = Deadline(budget_s)
+    t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "acceptance.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -256,7 +257,7 @@ def run(pack_dir: Path, out: Path, toy: bool, budget_s: float, work: Path) -> di
              timeout=deadline.left(reserve=15), env=env, cwd=work)
         collect(result, work, grid_dir, bench, out)
     finally:
-        result["wall_s"] = round(budget_s - deadline.left() + 1.0, 1)
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
         (out / "acceptance.json").write_text(json.dumps(result, indent=1))
         logging.getLogger().removeHandler(handler)
         log.info("wrote %s", out / "acceptance.json")
