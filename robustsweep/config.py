@@ -61,8 +61,14 @@ def validate(cfg: DictConfig) -> DictConfig:
               f"a config group; pick one with {group}=<option>")
     _deprecated_finetune(cfg)
     check(0.0 <= cfg.sparsity < 1.0, "sparsity", cfg.sparsity, "a float in [0, 1)")
+    norm = str(cfg.attack.get("norm") or "linf") if isinstance(cfg.get("attack"), DictConfig) else "linf"
+    written = cfg.epsilon
     with unlocked(cfg):
-        cfg.epsilon = parse_epsilon(cfg.epsilon)
+        cfg.epsilon = parse_epsilon(cfg.epsilon, norm if norm in ("linf", "l2") else "linf")
+    if norm == "l2" and (cfg.epsilon < 0.1 or "/255" in str(written)) and cfg.epsilon > 0:
+        log.warning("!!! attack.norm=l2 with epsilon=%s (= %.4g): that is an L-inf-sized budget. An L2 "
+                    "eps is the perturbation's norm over the whole image: 0.25-1.0 on CIFAR-10, 1-3 on "
+                    "MNIST. Meant attack.norm=linf, or epsilon=0.5?", written, cfg.epsilon)
     resolve_device(cfg.device)
 
     check_data_config(cfg.data)

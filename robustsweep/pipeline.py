@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from robustsweep.config import validate
 from robustsweep.core.device import amp_name, resolve_device
 from robustsweep.core.guards import state_hash, unchanged
+from robustsweep.core.params import eps_label
 from robustsweep.core.paths import resolve_path
 from robustsweep.steps import compress, evaluate
+from robustsweep.steps.attacks import attack_norm
 from robustsweep.steps.data import Dataset, load_dataset
 from robustsweep.steps.defend import defend
 from robustsweep.steps.models import with_amp
@@ -119,7 +121,7 @@ def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
     sparsity = measured.get("sparsity_measured", cfg.sparsity)
     return (f"{component(cfg.model)} {component(cfg.prune, 'method')} sparsity {sparsity:.2f} | "
-            f"{component(cfg.attack)} eps {float(cfg.epsilon) * 255:.3g}/255")
+            f"{component(cfg.attack)} eps {eps_label(float(cfg.epsilon), attack_norm(cfg.attack))}")
 
 
 def _tags(m: Compressed, reasons: set[str]) -> dict[str, str]:

@@ -33,9 +33,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
 
+from robustsweep.core.params import eps_label
+
 log = logging.getLogger(__name__)
 
-KEY_PARAMS = ("model.name", "data.name", "prune.method", "attack.name", "sparsity", "epsilon", "seed")
+KEY_PARAMS = ("model.name", "data.name", "prune.method", "attack.name", "attack.norm", "sparsity", "epsilon",
+              "seed")
 COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
 
 
@@ -78,21 +81,25 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
         for k in KEY_PARAMS:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
+        cell["attack.norm"] = cell["attack.norm"] or "linf"  # runs from before attack.norm: L-inf
+        # What plots group and label by: the attack with its threat model ("pgd", "pgd L2")
+        cell["attack"] = cell["attack.name"] + (" L2" if cell["attack.norm"] == "l2" else "")
         cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p
         cells.append(cell)
-    return sorted(cells, key=lambda c: (c["attack.name"], c["prune.method"], c["epsilon"], c["sparsity"]))
+    return sorted(cells, key=lambda c: (c["attack"], c["prune.method"], c["epsilon"], c["sparsity"]))
 
 
 def _groups(cells: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     g: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        g[(c["attack.name"], c["prune.method"])].append(c)
+        g[(c["attack"], c["prune.method"])].append(c)
     return dict(sorted(g.items()))
 
 
-def _eps_label(eps: float) -> str:
-    return f"{eps * 255:.3g}"
+def _eps_label(eps: float, attack: str = "") -> str:
+    """``8/255`` for L-inf; ``L2 0.5`` when ``attack`` (a cell's "attack" label) is an L2 one."""
+    return eps_label(eps, "l2" if attack.endswith(" L2") else "linf")
 
 
 def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
@@ -120,9 +127,9 @@ def heatmap(cells: list[dict[str, Any]], metric: str) -> plt.Figure:
                 ax.text(j, i, text, ha="center", va="center",
                         color="white" if (v > 0.55) == (metric == "asr") else "black", fontsize=9,
                         bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0} if collapsed[i, j] else None)
-        ax.set_xticks(range(len(epss)), [_eps_label(e) for e in epss])
+        ax.set_xticks(range(len(epss)), [_eps_label(e, attack) for e in epss])
         ax.set_yticks(range(len(sps)), [f"{s:.2f}" for s in sps])
-        ax.set_xlabel("eps (/255, L∞)")
+        ax.set_xlabel("eps (L2, pixel units)" if attack.endswith(" L2") else "eps (L∞)")
         ax.set_ylabel("sparsity (fraction of weights zeroed)")
         ax.set_title(f"{metric}: {attack}, {method}", fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), label=metric + (" (share of correct images flipped)"
@@ -156,12 +163,12 @@ def curves(cells: list[dict[str, Any]]) -> plt.Figure:
     # ASR: one curve per (attack, method, eps), over the images the model got right
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        lines[(c["attack.name"], c["prune.method"], c["epsilon"])].append(c)
+        lines[(c["attack"], c["prune.method"], c["epsilon"])].append(c)
     for (attack, method, eps), cs in sorted(lines.items()):
         cs = sorted(cs, key=lambda c: c["sparsity"])
         _band(axes[1], [c["sparsity"] for c in cs], [c["asr"] for c in cs],
               [c["n_fooled"] for c in cs], [c["n_correct"] for c in cs],
-              f"{attack} {_eps_label(eps)}/255 ({method})", [is_collapsed(c) for c in cs])
+              f"{attack} {_eps_label(eps, attack)} ({method})", [is_collapsed(c) for c in cs])
     for ax, ylabel, title in ((axes[0], "clean accuracy", "clean accuracy (95 % Wilson interval)"),
                               (axes[1], "attack success rate",
                                "ASR over correctly classified images (95 % Wilson)")):
@@ -190,7 +197,7 @@ def attention_drift(client: Any, cells: list[dict[str, Any]], max_images: int = 
                 z = np.load(p)
                 maps.append((c["sparsity"], z["ig_clean"].sum(1), z["images"], z["labels"], is_collapsed(c)))
             if maps:
-                rows.append((f"{attack}, {method}, eps {_eps_label(eps)}/255", maps))
+                rows.append((f"{attack}, {method}, eps {_eps_label(eps, attack)}", maps))
     if not rows:
         return None
     n_img = min(max_images, min(len(m[0][1]) for _, m in rows))
@@ -240,7 +247,7 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
     axes = grid.flatten()
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        lines[(c["prune.method"], c["attack.name"], c["epsilon"])].append(c)
+        lines[(c["prune.method"], c["attack"], c["epsilon"])].append(c)
     for n, ((method, attack, eps), cs) in enumerate(sorted(lines.items())):
         cs = sorted(cs, key=lambda c: c["sparsity"])
         xs = [c["sparsity"] for c in cs]
@@ -248,7 +255,7 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
         for ax, (metric, title) in zip(axes, DRIFT_PANELS, strict=True):
             for suffix, style in (("", "o-"), ("_adv", "s--")):
                 ys = [c[metric + suffix] for c in cs]
-                label = f"{method}, {attack} {_eps_label(eps)}/255" + (" (adversarial)" if suffix else "")
+                label = f"{method}, {attack} {_eps_label(eps, attack)}" + (" (adversarial)" if suffix else "")
                 ax.plot(xs, ys, style, color=color, markersize=4, label=label)
                 ax.fill_between(xs, [c[metric + suffix + "_lo"] for c in cs],
                                 [c[metric + suffix + "_hi"] for c in cs], color=color, alpha=0.15)

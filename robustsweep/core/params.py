@@ -15,9 +15,17 @@ from robustsweep.core.errors import ConfigError
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
 
 
-def parse_epsilon(value: float | int | str) -> float:
-    """Return eps in [0, 1] pixel units from ``0.031``, ``"0.031"`` or ``"8/255"``."""
-    allowed = "a number in [0, 1] (pixel units) or a fraction a/b such as 8/255"
+# The largest L2 distance between two images in [0, 1] of 3x224x224 pixels: no L2 budget is larger.
+L2_MAX = math.sqrt(3 * 224 * 224)
+
+
+def parse_epsilon(value: float | int | str, norm: str = "linf") -> float:
+    """Return eps in pixel units from ``0.031``, ``"0.031"`` or ``"8/255"``: in [0, 1] for
+    ``norm="linf"``, in [0, L2_MAX] for ``norm="l2"`` (the perturbation's norm over the image)."""
+    hi = L2_MAX if norm == "l2" else 1.0
+    allowed = ("a number in [0, 1] (pixel units) or a fraction a/b such as 8/255" if norm != "l2" else
+               f"a number in [0, {hi:.0f}] (attack.norm=l2: the perturbation's L2 norm over the image "
+               f"in pixel units, e.g. 0.5 on CIFAR-10)")
     if isinstance(value, bool):
         raise ConfigError(f"epsilon={value!r} is not valid; allowed: {allowed}")
     if isinstance(value, int | float):
@@ -35,9 +43,14 @@ def parse_epsilon(value: float | int | str) -> float:
                 eps = float(text)
             except ValueError:
                 raise ConfigError(f"epsilon={text!r} is not a number; allowed: {allowed}") from None
-    if not (0.0 <= eps <= 1.0) or eps != eps:
-        raise ConfigError(f"epsilon={value!r} (= {eps:g}) is outside [0, 1]; allowed: {allowed}")
+    if not (0.0 <= eps <= hi) or eps != eps:
+        raise ConfigError(f"epsilon={value!r} (= {eps:g}) is outside [0, {hi:.4g}]; allowed: {allowed}")
     return eps
+
+
+def eps_label(eps: float, norm: str = "linf") -> str:
+    """How eps is written in names and plots: ``8/255`` (L-inf), ``L2 0.5``."""
+    return f"L2 {eps:.3g}" if norm == "l2" else f"{eps * 255:.3g}/255"
 
 
 def check(cond: bool, key: str, value: Any, allowed: str) -> None:

@@ -114,6 +114,8 @@ class Config:
     attack: Any = None
     attribution: Any = None
     drift: Any = None  # attribution drift against the dense model (conf/drift/; none = off)
+    transfer: Any = None  # the dense model's adversarial examples on the compressed one (conf/transfer/)
+    min_norm: Any = None  # per-image minimum-norm search: the security curve (conf/min_norm/)
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     checks: ChecksConfig = field(default_factory=ChecksConfig)

@@ -16,6 +16,12 @@ FGSM and PGD are written here rather than taken from torchattacks because a swee
 things it lacks: FGSM's direction reused across eps, and PGD that stops attacking an image once it
 is fooled. Without those options both compute exactly what torchattacks does (tested bit for bit).
 
+Threat model: ``attack.norm`` (``linf`` default, ``l2``); eps is in that norm's pixel units (L2:
+the norm of the perturbation over the whole image, e.g. 0.5 on CIFAR-10). Each registered attack
+declares the norms it supports; FGSM is L-inf only. The stronger attacks (AutoAttack, APGD,
+Square, CW) and the per-image worst case over attacks live in robustsweep.steps.attack_zoo,
+registered here by importing it at the end of this module.
+
 Adding an attack: one YAML in conf/attack/ with ``_target_: <pkg.module.callable>`` (called as
 ``callable(model, eps=eps, **the YAML's other keys)``, e.g. ``torchattacks.MIFGSM``), or
 ``name: <yours>`` and one function here decorated with ``@register_attack("<yours>")``; either
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from robustsweep.core.guards import attack_checked, check_unit_range, frozen
@@ -43,10 +49,21 @@ from robustsweep.steps.data import to_float
 log = logging.getLogger(__name__)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NORMS = {"linf": "Linf", "l2": "L2"}  # attack.norm -> the guard's and torchattacks' spelling
 # attack.name -> f(model, eps, **attack keys) -> attack; or attack._target_: any callable of that
 # shape, e.g. torchattacks.MIFGSM (conf/attack/mifgsm.yaml: a torchattacks attack by YAML alone).
 ATTACKS: Registry[Callable[..., AttackFn]] = Registry("attack")
 register_attack = ATTACKS.register
+# attack.name -> the norms it supports (a registered attack not listed here is L-inf only)
+ATTACK_NORMS: dict[str, tuple[str, ...]] = {"none": ("linf", "l2"), "fgsm": ("linf",), "pgd": ("linf", "l2")}
+# Keys the evaluator supplies to registered attacks (not from YAML): the data's class count (APGD-T
+# and FAB index a class table of that size) and the run's seed.
+CONTEXT_KEYS = ("n_classes", "seed")
+
+
+def attack_norm(node: DictConfig | dict) -> str:
+    """``attack.norm``: ``linf`` (the default when a YAML has no such key) or ``l2``."""
+    return str(node.get("norm") or "linf")
 STEP_KEYS = ("step_size", "alpha")  # step sizes may be written as fractions ("2/255")
 
 
@@ -88,30 +105,74 @@ class FGSM:
 
 
 class PGD:
-    """L-inf PGD, Madry et al. 2018, arXiv:1706.06083: from a uniform random start in the ball,
-    ``steps`` signed-gradient steps of size ``alpha``, each projected onto the ball and [0, 1].
+    """PGD, Madry et al. 2018, arXiv:1706.06083: from a random start in the ball, ``steps``
+    gradient steps of size ``alpha``, each projected onto the ball and [0, 1].
 
-    With ``early_stop=False`` this is ``torchattacks.PGD``'s computation, random start included
-    (tests compare the two bit for bit). With ``early_stop=True`` an image leaves the batch at the
-    first iterate the model misclassifies, and that iterate is its result: the attack has found
-    an adversarial example inside the ball, which is what ASR counts. ASR is then "fooled at some
-    iterate" (>= the last-iterate ASR, equal to "fooled at any iterate" of the full attack: tested),
-    and on an undefended model most images leave after one or two steps.
+    L-inf (``norm="Linf"``): signed-gradient steps, uniform random start; with ``early_stop=False``
+    this is ``torchattacks.PGD``'s computation. L2 (``norm="L2"``): steps along the L2-normalised
+    gradient, radial projection, a random start of uniform radius in a random direction; with
+    ``early_stop=False`` this is ``torchattacks.PGDL2``'s computation. (Tests compare both bit for
+    bit, random start included.)
+
+    With ``early_stop=True`` an image leaves the batch at the first iterate the model
+    misclassifies, and that iterate is its result: the attack has found an adversarial example
+    inside the ball, which is what ASR counts. ASR is then "fooled at some iterate" (>= the
+    last-iterate ASR, equal to "fooled at any iterate" of the full attack: tested), and on an
+    undefended model most images leave after one or two steps.
+
+    ``eps`` and ``alpha`` may be tensors of one value per image (the minimum-norm search attacks
+    each image at its own radius).
     """
 
-    norm = "Linf"
-
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int,
-                 random_start: bool = True, early_stop: bool = False) -> None:
+    def __init__(self, model: nn.Module, eps: float | torch.Tensor, alpha: float | torch.Tensor, steps: int,
+                 random_start: bool = True, early_stop: bool = False, norm: str = "Linf") -> None:
+        if norm not in NORMS.values():
+            raise ValueError(f"norm={norm!r}; allowed: {', '.join(NORMS.values())}")
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
-        self.random_start, self.early_stop = random_start, early_stop
+        self.random_start, self.early_stop, self.norm = random_start, early_stop, norm
         self.n_grad = 0  # images that went through forward + input-gradient (work done)
+
+    @staticmethod
+    def _per_image(v: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+        """A scalar stays a scalar (bit-identical arithmetic); a per-image tensor -> (N, 1, 1, 1)."""
+        return v.to(x.device, x.dtype).reshape(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(v) else v
+
+    def _start(self, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+        if self.norm == "Linf":
+            if torch.is_tensor(eps):
+                noise = (torch.rand_like(x) * 2 - 1) * eps
+            else:
+                noise = torch.empty_like(x).uniform_(-eps, eps)
+            return torch.clamp(x + noise, min=0, max=1)
+        delta = torch.empty_like(x).normal_()
+        n = delta.reshape(len(x), -1).norm(p=2, dim=1).view(len(x), *[1] * (x.dim() - 1))
+        r = torch.zeros_like(n).uniform_(0, 1)
+        delta *= r / n * eps
+        return torch.clamp(x + delta, min=0, max=1)
+
+    def _step(self, xa: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, eps: float | torch.Tensor,
+              alpha: float | torch.Tensor) -> torch.Tensor:
+        if self.norm == "Linf":
+            step = xa + alpha * grad.sign()
+            if torch.is_tensor(eps):
+                return torch.clamp(x0 + torch.max(torch.min(step - x0, eps), -eps), min=0, max=1)
+            return torch.clamp(x0 + torch.clamp(step - x0, min=-eps, max=eps), min=0, max=1)
+        shape = (len(xa), *[1] * (xa.dim() - 1))
+        gnorm = grad.reshape(len(xa), -1).norm(p=2, dim=1) + 1e-10  # torchattacks' eps_for_division
+        new = xa + alpha * (grad / gnorm.view(shape))
+        delta = new - x0
+        dnorm = delta.reshape(len(xa), -1).norm(p=2, dim=1)
+        factor = (eps.flatten() if torch.is_tensor(eps) else eps) / dnorm
+        # A zero perturbation needs no projection (torchattacks divides 0 by 0 here: NaN at eps = 0)
+        factor = torch.where(dnorm > 0, torch.min(factor, torch.ones_like(dnorm)), torch.ones_like(dnorm))
+        return torch.clamp(x0 + delta * factor.view(shape), min=0, max=1)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach()
+        eps, alpha = self._per_image(self.eps, x), self._per_image(self.alpha, x)
         adv = x.clone()
         if self.random_start:
-            adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-self.eps, self.eps), min=0, max=1)
+            adv = self._start(adv, eps)
         active = None  # indices still attacked; None = all (the early_stop=False path, no copies)
         for _ in range(self.steps):
             xa = (adv if active is None else adv[active]).requires_grad_(True)
@@ -127,8 +188,9 @@ class PGD:
                 if len(active) == 0:
                     break
             x0 = x if active is None else x[active]
-            step = xa + self.alpha * grad.sign()
-            new = torch.clamp(x0 + torch.clamp(step - x0, min=-self.eps, max=self.eps), min=0, max=1)
+            e, a = ((eps, alpha) if active is None else
+                    tuple(v[active] if torch.is_tensor(v) else v for v in (eps, alpha)))
+            new = self._step(xa, grad, x0, e, a)
             if active is None:
                 adv = new
             else:
@@ -151,32 +213,45 @@ def _check_pgd(node: DictConfig, cfg: DictConfig) -> None:
     if step is not None:
         allowed = "null (= 2.5*eps/steps, Madry et al.) or a step in (0, 1], e.g. 2/255"
         try:
-            value = parse_epsilon(step)
+            value = parse_epsilon(step, attack_norm(node))
         except ValueError:
             value = -1.0
-        check(0 < value <= 1, "attack.step_size", step, allowed)
+        check(value > 0, "attack.step_size", step, allowed)
         # A step larger than the ball is clipped back every step: PGD degenerates into
         # projected sign noise. Almost always a mix-up of eps and step (2/255 vs 8/255).
-        eps = parse_epsilon(cfg.epsilon)
+        eps = parse_epsilon(cfg.epsilon, attack_norm(node))
         check(value <= eps or eps == 0, "attack.step_size", step,
               f"a step <= epsilon ({eps:.6g}); or null to scale with epsilon (2.5*eps/steps)")
 
 
 @register_attack("pgd", check=_check_pgd)
 def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
-        random_start: bool = True, early_stop: bool = False, **_: object) -> PGD:
-    """L-inf PGD (see ``PGD``).
+        random_start: bool = True, early_stop: bool = False, norm: str = "linf", **_: object) -> PGD:
+    """PGD in L-inf or L2 (see ``PGD``).
 
     ``step_size=None`` uses 2.5 * eps / steps (Madry et al.'s rule), so it scales with eps.
     """
     alpha = step_size if step_size is not None else 2.5 * eps / steps
     return PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-               early_stop=early_stop)
+               early_stop=early_stop, norm=NORMS[norm])
+
+
+def check_norm(node: DictConfig | dict, key: str = "attack") -> str:
+    """``<key>.norm`` is one the attack supports (a ``_target_`` attack: any of NORMS)."""
+    norm = attack_norm(node)
+    check(norm in NORMS, f"{key}.norm", node.get("norm"), " or ".join(NORMS))
+    name = node.get("name")
+    if not node.get(TARGET) and name in ATTACKS:
+        supported = ATTACK_NORMS.get(name, ("linf",))
+        check(norm in supported, f"{key}.norm", norm,
+              f"{' or '.join(supported)} ({key}={name} supports no other norm)")
+    return norm
 
 
 def check_attack_config(node: DictConfig, cfg: DictConfig) -> None:
-    """``attack.*``: the chosen attack's own checks, and ``attack.batch_size``."""
+    """``attack.*``: the chosen attack's own checks, its norm, and ``attack.batch_size``."""
     ATTACKS.validate(node, cfg)
+    check_norm(node)
     bs = node.get("batch_size", "auto")
     if bs != "auto":
         check(isinstance(bs, int) and not isinstance(bs, bool) and bs > 0, "attack.batch_size", bs,
@@ -187,19 +262,27 @@ def attack_kwargs(cfg: DictConfig | dict, **overrides: object) -> dict[str, obje
     """What an attack is built from: ``cfg``'s keys (``overrides`` replacing them, e.g.
     ``name="fgsm"``, which also drops a ``_target_``) minus ``batch_size``, with step sizes parsed
     ("2/255" -> float)."""
-    kwargs = {**{k: v for k, v in cfg.items() if k != "batch_size"}, **overrides}
+    items = cfg.items() if not isinstance(cfg, DictConfig) else \
+        OmegaConf.to_container(cfg, resolve=True).items()  # type: ignore[union-attr]
+    kwargs = {**{k: v for k, v in items if k != "batch_size"}, **overrides}
     if "name" in overrides:
         kwargs.pop(TARGET, None)
     for k in STEP_KEYS:
         if kwargs.get(k) is not None:
-            kwargs[k] = parse_epsilon(kwargs[k])  # type: ignore[arg-type]
+            kwargs[k] = parse_epsilon(kwargs[k], attack_norm(kwargs))  # type: ignore[arg-type]
     return kwargs
 
 
-def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, **overrides: object) -> AttackFn:
-    """The attack ``cfg`` describes (``overrides`` replace its keys, e.g. ``name="fgsm"``)."""
+def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, *, n_classes: int | None = None,
+                 seed: int = 0, **overrides: object) -> AttackFn:
+    """The attack ``cfg`` describes (``overrides`` replace its keys, e.g. ``name="fgsm"``).
+
+    A registered attack also gets ``n_classes`` (the data's; attacks that need it refuse None) and
+    ``seed`` (the run's); a ``_target_`` callable gets only its YAML's keys."""
     kwargs = attack_kwargs(cfg, **overrides)
     fn = ATTACKS.resolve(DictConfig({k: v for k, v in kwargs.items() if k in ("name", TARGET)}))
+    if not kwargs.get(TARGET):
+        kwargs.update(n_classes=n_classes, seed=seed)
     kwargs.pop("name", None)
     kwargs.pop(TARGET, None)
     return fn(model, eps=eps, **kwargs)
@@ -224,6 +307,10 @@ class EvalResult:
     max_dist: float = 0.0  # largest perturbation norm seen (<= eps + 1e-6 by the guard)
     n_grad: int = 0  # images through forward + input-gradient (0 when a FGSM direction was reused)
     direction: torch.Tensor | None = None  # FGSM only: int8 signs of the n_correct attacked images
+    # Worst-case ensembles only: per evaluation image, the index (in attack_names) of the attack that
+    # broke it; -1 = none did, or the image was not attacked (clean-wrong).
+    broken_by: torch.Tensor | None = None
+    attack_names: tuple[str, ...] = ()
 
     @property
     def clean_acc(self) -> float:
@@ -266,6 +353,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                              f"EvalResult.direction of the same model and images, with FGSM")
         directions: list[torch.Tensor] = []
         adv_pred = clean_pred.clone()
+        names = tuple(getattr(attack, "names", ()))
+        broken_by = torch.full_like(clean_pred, -1) if names else None
         n_fooled, n_batches, max_dist, n_grad0 = 0, 0, 0.0, getattr(attack, "n_grad", 0)
         for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
             idx = correct_idx[i:i + batch_size]
@@ -278,6 +367,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                 x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
             max_dist = max(max_dist, dist)
             n_batches += 1
+            if broken_by is not None:
+                broken_by[idx] = attack.last_broken_by.to(broken_by.device)
             with torch.inference_mode():
                 p = model(x_adv).argmax(1)
             adv_pred[idx] = p
@@ -288,8 +379,13 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
     res = EvalResult(n_eval=len(y), n_correct=len(correct_idx), n_fooled=n_fooled,
                      clean_pred=clean_pred, adv_pred=adv_pred, n_batches_checked=n_batches,
                      max_dist=max_dist, n_grad=getattr(attack, "n_grad", 0) - n_grad0,
-                     direction=direction if keep_direction else None)
+                     direction=direction if keep_direction else None, broken_by=broken_by,
+                     attack_names=names)
     if res.n_correct == 0:
         log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
                     res.n_eval)
     return res
+
+
+# The stronger attacks register themselves into ATTACKS (they import the names above).
+from robustsweep.steps import attack_zoo as _attack_zoo  # noqa: E402,F401

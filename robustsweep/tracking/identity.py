@@ -1,7 +1,8 @@
 """Cell identity: which config determines a cell's numbers, as one canonical dict.
 
 ``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``:
-paths, tracking, Hydra, search, checks, perf except ``perf.amp``) and minus every step at its
+paths, tracking, Hydra, search, checks, perf except ``perf.amp``; ``attack.norm`` when it is
+``linf``, the only norm before the key existed) and minus every step at its
 neutral default (a group node whose ``name``/``method`` is ``none``). So a new config group whose
 default is ``none`` leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming.
 ``cell_id`` hashes it; the per-process reuse keys (robustsweep.tracking.reuse) derive from it too,
@@ -40,9 +41,12 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=False)
     for k in NOT_RESULTS:
         c.pop(k, None)
-    c["epsilon"] = parse_epsilon(c["epsilon"])  # "8/255" and 0.0313725... are the same cell
+    norm = (c.get("attack") or {}).get("norm") if isinstance(c.get("attack"), dict) else None
+    c["epsilon"] = parse_epsilon(c["epsilon"], norm or "linf")  # "8/255" and 0.0313725... are the same cell
     if (amp := amp_name(cfg)) != "none":
         c["perf"] = {"amp": amp}
+    if isinstance(c.get("attack"), dict) and c["attack"].get("norm") == "linf":
+        c["attack"] = {k: v for k, v in c["attack"].items() if k != "norm"}  # the default before attack.norm
     return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))
 
 

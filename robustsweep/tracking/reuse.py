@@ -79,7 +79,10 @@ FGSM_DIRECTION: LRU[Any] = LRU("fgsm_direction", 4)  # (n_correct, C, H, W) int8
 IG_CLEAN: LRU[Any] = LRU("ig_clean", 8)  # attribution.IGPart
 SANITY: LRU[float] = LRU("sanity", 256)  # one sanity-probe ASR (steps.evaluate.sanity.sanity_probe)
 DRIFT_DENSE: LRU[Any] = LRU("drift_dense", 4)  # the dense model's attribution maps (N, C, H, W)
-CACHES = (PRUNED, CLEAN_PRED, FGSM_DIRECTION, IG_CLEAN, SANITY, DRIFT_DENSE)
+# The dense model's adversarial examples for transfer (steps.evaluate.transfer): float32, n_eval x C x H x W
+# each (10k CIFAR images: 123 MB), so only a few (one per attack and eps in a sweep's order).
+TRANSFER: LRU[Any] = LRU("transfer", 4)
+CACHES = (PRUNED, CLEAN_PRED, FGSM_DIRECTION, IG_CLEAN, SANITY, DRIFT_DENSE, TRANSFER)
 
 
 def clear() -> None:

@@ -212,7 +212,8 @@ def component(node: DictConfig, key: str = "name") -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    eps255 = cfg.epsilon * 255
+    norm = str(cfg.attack.get("norm") or "linf")
+    eps = f"eps{cfg.epsilon * 255:.3g}/255" if norm == "linf" else f"{norm}eps{cfg.epsilon:.3g}"
     return (f"{component(cfg.model)}-{component(cfg.prune, 'method')}-s{cfg.sparsity:.2f}-"
-            f"{component(cfg.attack)}-eps{eps255:.3g}/255")
+            f"{component(cfg.attack)}-{eps}")
 

@@ -85,6 +85,9 @@ class Evaluator:
     group: str  # the config node that configures it
     run: Callable[[EvalContext], Outcome]
     metrics: tuple[str, ...]  # every metric name it may return
+    # Families of metrics named at run time (``broken_by_<attack>``): a prefix each. Logged, but
+    # not cells.csv columns or objectives.
+    metric_prefixes: tuple[str, ...] = ()
     reasons: dict[str, str] = field(default_factory=dict)  # suspect reason -> what it means
     reads: tuple[str, ...] = ()  # evaluators whose Outcome.shared it reads (they run first)
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
@@ -149,7 +152,8 @@ def run_evaluators(ctx: EvalContext) -> tuple[dict[str, float], set[str]]:
         if not ev.enabled(ctx.cfg) or any(dep not in ctx.results for dep in ev.reads):
             continue
         out = ev.run(ctx)
-        unknown = set(out.metrics) - set(ev.metrics)
+        unknown = {m for m in set(out.metrics) - set(ev.metrics)
+                   if not (ev.metric_prefixes and m.startswith(ev.metric_prefixes))}
         if unknown or out.reasons - set(ev.reasons):
             raise RuntimeError(f"evaluator {ev.name} returned undeclared metrics or reasons: "
                                f"{sorted(unknown | (out.reasons - set(ev.reasons)))}")

@@ -1,0 +1,251 @@
+"""The attacks a reviewer asks for, from torchattacks 3.3.0, as configs; the worst case over attacks.
+
+* ``autoattack`` -- AutoAttack, Croce & Hein 2020, arXiv:2003.01690 (``version: standard``: APGD-CE,
+  APGD-T, FAB-T, Square, each run on the images the previous ones left robust; L-inf or L2). Built
+  from torchattacks' four components exactly as ``torchattacks.AutoAttack`` builds them, with the
+  run's seed (torchattacks' default ``seed=None`` seeds from the clock), and run by ``Ensemble``,
+  which applies the same rule as its ``MultiAttack`` and also records which component broke each
+  image. Tested equal to ``torchattacks.AutoAttack`` called on the same batches. Note: torchattacks
+  3.3.0 runs APGD, APGD-T and FAB with 10 iterations; the reference implementation uses 100
+  (``attack.steps``, default 10 to match the library; 100 costs ~10x).
+* ``apgd`` -- APGD, Croce & Hein 2020: step-size-free PGD with momentum (``loss``: ce or dlr).
+* ``square`` -- Square Attack, Andriushchenko et al. 2020, arXiv:1912.00049: score-based black box,
+  no gradients. A model that masks gradients falls to it; that is why AutoAttack includes it.
+* ``cw`` -- Carlini & Wagner 2017 L2, arXiv:1608.04644. It minimises the perturbation and ignores
+  eps; it returns the input unchanged where it fails. Only perturbations inside the L2 ball count:
+  the others are replaced by the clean image (counted as not fooled), so ASR means the same as for
+  every other attack.
+* ``ensemble`` -- RobustBench's worst case per image over a list of attack configs
+  (``attack.attacks``): an image is robust only if every attack fails on it.
+
+Every attack here is seeded by the run's seed and gets the data's class count (APGD-T and FAB index
+a table of ``n_classes`` targets: a wrong count is an IndexError or a silently wrong target set).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch import nn
+
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.params import check, number_in, positive_int, unlocked
+from robustsweep.steps.attacks import (
+    ATTACK_NORMS,
+    ATTACKS,
+    NORMS,
+    TARGET,
+    AttackFn,
+    attack_norm,
+    build_attack,
+    check_norm,
+    register_attack,
+)
+
+log = logging.getLogger(__name__)
+
+AA_VERSIONS = ("standard",)
+APGD_LOSSES = ("ce", "dlr")
+
+
+def _n_classes(n_classes: int | None, name: str) -> int:
+    if not n_classes or n_classes < 2:
+        raise ValueError(f"attack={name} needs the data's class count (>= 2: its targets are the other "
+                         f"classes), got n_classes={n_classes!r}")
+    return n_classes
+
+
+class Ensemble:
+    """Worst case over ``attacks`` per image: each attack runs on the images all earlier ones left
+    unbroken (in their order), and an image's result is the first attack's that fools the model.
+
+    ``last_broken_by``: for the images of the last call, the index of the attack that broke each
+    (-1 = none did). ``names``: the attacks' names, in order."""
+
+    def __init__(self, model: nn.Module, attacks: Sequence[tuple[str, AttackFn]], norm: str) -> None:
+        self.model, self.norm = model, norm
+        self.names = [n for n, _ in attacks]
+        self.attacks = [a for _, a in attacks]
+        self.last_broken_by = torch.empty(0, dtype=torch.long)
+        self.n_grad = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        adv = x.detach().clone()
+        broken = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        left = torch.arange(len(x), device=x.device)
+        for i, attack in enumerate(self.attacks):
+            if len(left) == 0:
+                break
+            before = getattr(attack, "n_grad", 0)
+            xa = attack(x[left], y[left]).detach()
+            self.n_grad += getattr(attack, "n_grad", 0) - before
+            with torch.no_grad():
+                fooled = self.model(xa).argmax(1) != y[left]
+            adv[left[fooled]] = xa[fooled]
+            broken[left[fooled]] = i
+            left = left[~fooled]
+        self.last_broken_by = broken
+        return adv
+
+
+class InsideBall:
+    """Keeps an eps-ignoring attack's perturbation only where it lies inside the ball (``norm``,
+    pixel units); elsewhere returns the clean image, so that the image counts as not fooled."""
+
+    def __init__(self, attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eps: float,
+                 norm: str) -> None:
+        self.attack, self.eps, self.norm = attack, eps, norm
+        self.n_outside = 0  # perturbations found but outside the ball (work done, not counted)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        adv = self.attack(x, y).detach()
+        flat = (adv - x).flatten(1)
+        dist = flat.norm(dim=1) if self.norm == "L2" else flat.abs().amax(dim=1)
+        inside = dist <= self.eps
+        self.n_outside += int((~inside).sum())
+        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), adv, x)
+
+
+class _Named:
+    """A torchattacks attack with our guard's ``norm`` attribute (theirs spell it the same)."""
+
+    def __init__(self, attack: Callable[..., torch.Tensor], norm: str) -> None:
+        self.attack, self.norm = attack, norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.attack(x, y)
+
+
+def autoattack_components(model: nn.Module, eps: float, norm: str, n_classes: int, seed: int,
+                          steps: int = 10) -> list[tuple[str, AttackFn]]:
+    """APGD-CE, APGD-T, FAB-T, Square as ``torchattacks.AutoAttack(version="standard")`` builds them."""
+    import torchattacks as ta
+
+    return [
+        ("apgd-ce", ta.APGD(model, eps=eps, norm=norm, seed=seed, loss="ce", n_restarts=1, steps=steps)),
+        ("apgd-t", ta.APGDT(model, eps=eps, norm=norm, seed=seed, n_classes=n_classes, n_restarts=1,
+                            steps=steps)),
+        ("fab-t", ta.FAB(model, eps=eps, norm=norm, seed=seed, multi_targeted=True, n_classes=n_classes,
+                         n_restarts=1, steps=steps)),
+        ("square", ta.Square(model, eps=eps, norm=norm, seed=seed, n_queries=5000, n_restarts=1)),
+    ]
+
+
+def _check_autoattack(node: DictConfig, cfg: DictConfig) -> None:
+    check(node.get("version", "standard") in AA_VERSIONS, "attack.version", node.get("version"),
+          " or ".join(AA_VERSIONS))
+    positive_int(cfg, "attack.steps")
+
+
+@register_attack("autoattack", check=_check_autoattack)
+def autoattack(model: nn.Module, eps: float, norm: str = "linf", version: str = "standard", steps: int = 10,
+               n_classes: int | None = None, seed: int = 0, **_: object) -> Ensemble:
+    """AutoAttack standard (see the module docstring)."""
+    n = _n_classes(n_classes, "autoattack")
+    return Ensemble(model, autoattack_components(model, eps, NORMS[norm], n, seed, steps), NORMS[norm])
+
+
+def _check_apgd(node: DictConfig, cfg: DictConfig) -> None:
+    check(node.get("loss", "ce") in APGD_LOSSES, "attack.loss", node.get("loss"), " or ".join(APGD_LOSSES))
+    positive_int(cfg, "attack.steps")
+    positive_int(cfg, "attack.n_restarts")
+
+
+@register_attack("apgd", check=_check_apgd)
+def apgd(model: nn.Module, eps: float, norm: str = "linf", loss: str = "ce", steps: int = 100,
+         n_restarts: int = 1, seed: int = 0, **_: object) -> AttackFn:
+    """APGD (CE or DLR loss), torchattacks.APGD."""
+    import torchattacks as ta
+
+    return _Named(ta.APGD(model, eps=eps, norm=NORMS[norm], loss=loss, steps=steps, n_restarts=n_restarts,
+                          seed=seed), NORMS[norm])
+
+
+def _check_square(node: DictConfig, cfg: DictConfig) -> None:
+    positive_int(cfg, "attack.n_queries")
+    positive_int(cfg, "attack.n_restarts")
+
+
+@register_attack("square", check=_check_square)
+def square(model: nn.Module, eps: float, norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1,
+           seed: int = 0, **_: object) -> AttackFn:
+    """Square Attack (black box), torchattacks.Square with the margin loss."""
+    import torchattacks as ta
+
+    return _Named(ta.Square(model, eps=eps, norm=NORMS[norm], n_queries=n_queries, n_restarts=n_restarts,
+                            seed=seed), NORMS[norm])
+
+
+def _check_cw(node: DictConfig, cfg: DictConfig) -> None:
+    positive_int(cfg, "attack.steps")
+    for key in ("c", "lr"):
+        number_in(cfg, f"attack.{key}", 0.0, math.inf, "a number > 0", low_open=True)
+    number_in(cfg, "attack.kappa", 0.0, math.inf, "a number >= 0")
+
+
+@register_attack("cw", check=_check_cw)
+def cw(model: nn.Module, eps: float, norm: str = "l2", c: float = 10.0, kappa: float = 0.0, steps: int = 100,
+       lr: float = 0.01, **_: object) -> InsideBall:
+    """CW-L2 (torchattacks.CW), counted only inside the L2 ball (see the module docstring)."""
+    import torchattacks as ta
+
+    return InsideBall(ta.CW(model, c=c, kappa=kappa, steps=steps, lr=lr), eps, "L2")
+
+
+def _members(node: DictConfig) -> list[DictConfig]:
+    members = node.get("attacks")
+    check(isinstance(members, ListConfig | list) and len(members) > 0, "attack.attacks", members,
+          "a non-empty list of attack configs, e.g. [{name: pgd}, {name: square}]")
+    return list(members)
+
+
+def _check_ensemble(node: DictConfig, cfg: DictConfig) -> None:
+    norm = attack_norm(node)
+    for i, m in enumerate(_members(node)):
+        key = f"attack.attacks[{i}]"
+        check(isinstance(m, DictConfig) and (m.get("name") or m.get(TARGET)), key, m,
+              "an attack config with a name (or _target_)")
+        check(m.get("name") != "ensemble", f"{key}.name", "ensemble", "any attack but ensemble")
+        if not m.get(TARGET):
+            ATTACKS.resolve(m)
+            check(attack_norm(m) == norm or "norm" not in m, f"{key}.norm", m.get("norm"),
+                  f"the ensemble's norm ({norm}): every member attacks the same ball")
+            if (own := ATTACKS.checks.get(m.get("name"))) is not None:
+                _member_check(own, m, cfg, key)
+        check_norm({**m, "norm": norm}, key)
+
+
+def _member_check(own: Callable[[DictConfig, DictConfig], None], member: DictConfig, cfg: DictConfig,
+                  key: str) -> None:
+    """A member's own checks, which read ``cfg.attack``: run on a copy whose attack is the member,
+    their error naming the member's key (``attack.attacks[1].steps``, not ``attack.steps``)."""
+    sub = cfg.copy()
+    with unlocked(sub):
+        sub.attack = member
+    try:
+        own(sub.attack, sub)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("attack.", f"{key}.", 1)) from None
+
+
+@register_attack("ensemble", check=_check_ensemble)
+def ensemble(model: nn.Module, eps: float, attacks: Sequence[Any] = (), norm: str = "linf",
+             n_classes: int | None = None, seed: int = 0, **_: object) -> Ensemble:
+    """The worst case per image over ``attacks`` (each a config node like ``attack`` itself)."""
+    built = []
+    for m in attacks:
+        node = dict(m)
+        name = str(node.get("name") or node.get(TARGET))
+        if not node.get(TARGET):
+            node["norm"] = norm
+        built.append((name, build_attack(model, eps, node, n_classes=n_classes, seed=seed)))
+    return Ensemble(model, built, NORMS[norm])
+
+
+ATTACK_NORMS.update(autoattack=("linf", "l2"), apgd=("linf", "l2"), square=("linf", "l2"), cw=("l2",),
+                    ensemble=("linf", "l2"))
