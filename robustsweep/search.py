@@ -179,6 +179,56 @@ def brackets_by_group(trials: Iterable[FrozenTrial], param: str) -> dict[str, Br
     return {g: bracket(trial_points([*ref, *ts], param)) for g, ts in sorted(groups.items())}
 
 
+@dataclass(frozen=True)
+class Outcomes:
+    """One trial's per-image results (its ``outcomes.csv``): which evaluation images the model
+    classifies correctly, and which of those the attack leaves correct."""
+
+    x: float  # the searched parameter's value
+    clean_ok: Any  # bool array (n_images,)
+    adv_ok: Any  # bool array (n_images,): correct under attack (False where clean is wrong)
+    collapsed: bool = False
+
+
+def _cell_metrics(o: Outcomes, idx: Any) -> dict[str, float]:
+    c, a = o.clean_ok[idx], o.adv_ok[idx]
+    n_c = int(c.sum())
+    return {"clean_acc": float(c.mean()), "robust_acc": float((c & a).mean()),
+            "asr": float((c & ~a).sum()) / n_c if n_c else math.nan, COLLAPSED_METRIC: float(o.collapsed)}
+
+
+def bootstrap_bracket(ref: Outcomes, trials: Sequence[Outcomes], crit: Criterion, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """95 % percentile intervals over images for the bracket's ends.
+
+    Every trial was evaluated on the same images, so each resample draws one set of image indices
+    (with replacement) and recomputes every trial's metrics, the reference's included, and the
+    bracket from them: a paired bootstrap. Returns ``cliff_low_ci_lo/hi`` and ``cliff_high_ci_lo/hi``
+    (NaN-free percentiles over the resamples where that end exists) and ``cliff_boot_n``.
+    """
+    import numpy as np
+
+    n = len(ref.clean_ok)
+    if any(len(t.clean_ok) != n for t in trials):
+        raise ValueError("bootstrap_bracket: every trial must be evaluated on the same images")
+    rng = np.random.default_rng(seed)
+    lows, highs = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        r = _cell_metrics(ref, idx)
+        pts = [(ref.x, crit.constraints(r, r))]
+        pts += [(t.x, crit.constraints(_cell_metrics(t, idx), r)) for t in trials]
+        b = bracket(pts)
+        lows.append(b.low)
+        highs.append(b.high)
+    out: dict[str, float] = {"cliff_boot_n": float(n_boot)}
+    for name, vals in (("cliff_low", lows), ("cliff_high", highs)):
+        v = np.array([x for x in vals if not math.isnan(x)])
+        lo, hi = (np.percentile(v, [2.5, 97.5]) if len(v) else (math.nan, math.nan))
+        out[f"{name}_ci_lo"], out[f"{name}_ci_hi"] = float(lo), float(hi)
+    return out
+
+
 # ------------------------------------------------------------------------- bisection sampler
 class BisectionSampler(optuna.samplers.BaseSampler):
     """Bisection for the 1-D monotone case: the largest safe value of one float parameter.

@@ -1,13 +1,14 @@
 """A sweep at a glance: heatmaps, curves with 95 % Wilson intervals, attention drift, cells.csv.
 
 Everything here reads only what is stored in MLflow (the parent's FINISHED child runs and their
-``ig/attributions.npz``), so the same summary can be rebuilt later for any sweep
+``ig/attributions.npz``, ``min_norm/distances.csv``), so the same summary can be rebuilt later for any sweep
 (``python -m robustsweep.report``). Files written to ``out_dir``:
 
   heatmap_asr.png, heatmap_robust_acc.png   sparsity x eps, one panel per (attack, prune method)
   curves.png                                clean_acc and asr vs sparsity, 95 % Wilson intervals
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
   drift.png                                 attribution-drift metrics vs sparsity with 95 % bootstrap bands
+  security_curves.png                       robust accuracy vs eps per sparsity (min_norm=bisect cells)
   cells.csv                                 every cell's params, metrics and `suspect` tag
 
 Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
@@ -271,6 +272,39 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
     return fig
 
 
+def security_curves(client: Any, cells: list[dict[str, Any]]) -> plt.Figure | None:
+    """Robust accuracy against eps from the cells' minimum-norm searches (``min_norm=bisect``): one
+    panel per (attack, prune method), one curve per sparsity, each from the cell with the widest
+    search (the largest eps_max) at that sparsity."""
+    cells = [c for c in cells if not math.isnan(c.get("min_norm_eps_max", math.nan))]
+    if not cells:
+        return None
+    groups = _groups(cells)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.0 * len(groups), 3.8), squeeze=False,
+                             constrained_layout=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for ax, ((attack, method), cs) in zip(axes[0], groups.items(), strict=True):
+            widest: dict[float, dict[str, Any]] = {}
+            for c in sorted(cs, key=lambda c: c["min_norm_eps_max"]):
+                widest[c["sparsity"]] = c  # the last, the widest, wins
+            l2 = attack.endswith(" L2")
+            for n, (sp, c) in enumerate(sorted(widest.items())):
+                path = client.download_artifacts(c["run_id"], "min_norm/distances.csv", tmp)
+                with open(path, newline="") as f:
+                    d = np.array([float(r["min_norm"]) for r in csv.DictReader(f)])
+                grid = np.linspace(0, c["min_norm_eps_max"], 201)
+                acc = [(d > e).sum() / c["n_eval"] for e in grid]
+                ax.plot(grid if l2 else grid * 255, acc, color=f"C{n % 10}",
+                        label=f"sparsity {sp:.2f}" + (" (collapsed)" if is_collapsed(c) else ""),
+                        ls="--" if is_collapsed(c) else "-")
+            ax.set_xlabel("eps (L2, pixel units)" if l2 else "eps (/255, L∞)")
+            ax.set_ylabel("robust accuracy (share of all images)")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"security curve: {attack} min-norm search, {method}", fontsize=9)
+            ax.legend(fontsize=7)
+    return fig
+
+
 def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the summary files for a sweep into ``out_dir``; return its cells."""
     cells = collect_cells(client, parent_run_id)
@@ -291,6 +325,10 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     fig = drift_figure(cells)
     if fig is not None:
         fig.savefig(out_dir / "drift.png", dpi=110)
+        plt.close(fig)
+    fig = security_curves(client, cells)
+    if fig is not None:
+        fig.savefig(out_dir / "security_curves.png", dpi=110)
         plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:

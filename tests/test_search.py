@@ -236,3 +236,33 @@ def test_tpe_with_the_safety_constraint_finds_the_method_with_the_later_cliff(sa
     assert study.best_trial.params["prune"] == "b"  # Optuna's feasibility-aware best agrees
     fig = plot_cliff(study.trials, "sparsity", crit, {**REF, "sparsity": 0.0})
     assert len(fig.axes) == 3  # two metrics + the brackets of both methods
+
+
+def test_bootstrap_bracket_contains_the_bracket_and_narrows_with_more_images():
+    """Paired bootstrap over images: the interval of each end holds the point bracket, and 16x the
+    images give a narrower interval (noise ~ 1/sqrt(n))."""
+    import numpy as np
+
+    from robustsweep.search import Outcomes, bootstrap_bracket
+
+    def trials(n: int) -> tuple[Outcomes, list[Outcomes]]:
+        rng = np.random.default_rng(0)
+        clean = rng.random(n) < 0.9
+
+        def at(x: float) -> Outcomes:  # ASR rises linearly with sparsity: 0.2 at 0, 0.6 at 0.8
+            return Outcomes(x, clean, clean & (rng.random(n) >= 0.2 + 0.5 * x))
+        return at(0.0), [at(x) for x in np.linspace(0.05, 0.8, 16)]
+
+    crit = Criterion("asr", delta=0.10, delta_acc=0.05)
+    widths = []
+    for n in (200, 3200):
+        ref, ts = trials(n)
+        def metrics(o: Outcomes) -> dict[str, float]:
+            return {"asr": float((o.clean_ok & ~o.adv_ok).sum() / o.clean_ok.sum()),
+                    "clean_acc": float(o.clean_ok.mean())}
+        point = bracket([(ref.x, [0.0, 0.0])] + [(t.x, crit.constraints(metrics(t), metrics(ref))) for t in ts])
+        b = bootstrap_bracket(ref, ts, crit, n_boot=300)
+        assert b["cliff_low_ci_lo"] <= point.low <= b["cliff_low_ci_hi"]
+        assert b["cliff_high_ci_lo"] <= point.high <= b["cliff_high_ci_hi"]
+        widths.append(b["cliff_high_ci_hi"] - b["cliff_low_ci_lo"])
+    assert widths[1] < widths[0]

@@ -72,6 +72,11 @@ def test_cliff_search_is_a_study_with_a_parent_run_and_trial_children(searched):
     sweep_dir = Path(parent.data.tags["hydra.sweep.dir"])
     result = json.loads((sweep_dir / "cliff.json").read_text())
     assert result["metrics"]["cliff_low"] == m["cliff_low"]
+    # the bracket's ends with 95 % bootstrap intervals over images, from the trials' outcomes.csv
+    boot = result["bootstrap"]
+    assert boot["cliff_low_ci_lo"] <= m["cliff_low"] + 1e-9
+    assert m["cliff_high"] - 1e-9 <= boot["cliff_high_ci_hi"]
+    assert m["cliff_low_ci_hi"] == boot["cliff_low_ci_hi"]
 
 
 def test_relaunch_continues_the_study_and_a_changed_objective_is_refused(searched):

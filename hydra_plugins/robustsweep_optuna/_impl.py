@@ -408,6 +408,53 @@ class OptunaSweeperImpl(Sweeper):
                      m["cliff_high"], m["cliff_width"], step)
         return m
 
+    def _bootstrap(self) -> dict[str, float]:
+        """95 % intervals over images for the bracket's ends, from the trials' per-image outcomes
+        (their ``outcomes.csv``): a bracket finer than the evaluation noise shows as an interval
+        wider than it. Only for a search over the one parameter (with other searched parameters,
+        each group would need its own); {} when some trial's outcomes are missing."""
+        from robustsweep.search import Outcomes, bootstrap_bracket
+        from robustsweep.tracking.outcomes import run_outcomes
+        from robustsweep.tracking.sweep import finished_children
+
+        plan = self.plan
+        param = plan["param"]
+        if set(plan["space"]) != {param}:
+            log.info("bootstrap of the bracket: skipped (it covers a search over %s alone)", param)
+            return {}
+        ref_x = float(plan["s"]["reference"])
+        ref, trials = None, {}
+        for r in finished_children(self.client, self.parent):
+            if param not in r.data.params:
+                continue
+            x = float(r.data.params[param])
+            try:
+                o = run_outcomes(self.client, r.info.run_id)
+            except Exception as e:  # a run logged before outcomes.csv existed
+                log.warning("bootstrap of the bracket: skipped (run %s has no outcomes.csv: %s)",
+                            r.info.run_id, e)
+                return {}
+            out = Outcomes(x, o["clean_ok"], o["adv_ok"], bool(r.data.metrics.get("collapsed", 0.0)))
+            if x == ref_x:
+                ref = out
+            else:
+                trials.setdefault(x, out)
+        if ref is None or not trials:
+            log.warning("bootstrap of the bracket: skipped (the reference's or the trials' runs are not "
+                        "children of this study's parent run)")
+            return {}
+        import time
+
+        from mlflow.entities import Metric
+
+        boot = bootstrap_bracket(ref, list(trials.values()), plan["crit"], seed=int(self.config.get("seed", 0)))
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, 0) for k, v in boot.items()])
+        log.info("cliff bracket, 95 %% bootstrap over %d images: low in [%.4f, %.4f], high in [%.4f, %.4f]",
+                 len(ref.clean_ok), boot["cliff_low_ci_lo"], boot["cliff_low_ci_hi"], boot["cliff_high_ci_lo"],
+                 boot["cliff_high_ci_hi"])
+        return boot
+
     def _finish(self, status: str, reason: str = "") -> None:
         """Final metrics, figure, trials.csv and cliff.json on the parent; close it."""
         import matplotlib.pyplot as plt
@@ -433,6 +480,9 @@ class OptunaSweeperImpl(Sweeper):
             if plan["crit"] is not None and ref is not None:
                 result["brackets"] = {g or plan["param"]: {"low": b.low, "high": b.high, "width": b.width}
                                       for g, b in brackets_by_group(trials, plan["param"]).items()}
+                boot = self._bootstrap()
+                if boot:
+                    result["bootstrap"] = boot
                 fig = plot_cliff(trials, plan["param"], plan["crit"], {**ref, plan["param"]:
                                                                        plan["s"]["reference"]})
                 fig.savefig(out / "cliff.png", dpi=120)
