@@ -49,7 +49,7 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     (["sparsity=1.5"], "sparsity=1.5"),
     (["epsilon=-1"], "epsilon=-1"),
     (["epsilon=8/0"], "epsilon='8/0'"),
-    (["attack=cw"], "Could not find 'attack/cw'"),
+    (["attack=deepfool"], "Could not find 'attack/deepfool'"),
     (["model.checkpoint=missing.safetensors"], "model.checkpoint='missing.safetensors'"),
     (["-m", "sparsity=0,1.5"], "sparsity=1.5"),
     # the list: types, unknown keys, missing values, eps, steps, step size, amount, device

@@ -56,7 +56,7 @@ def test_wrong_types_fail_at_compose_time(override):
 
 def test_unknown_group_option_lists_available_options():
     with pytest.raises((ConfigCompositionException, HydraException)) as e:
-        compose(["attack=cw"])
+        compose(["attack=deepfool"])
     assert "fgsm" in str(e.value) and "pgd" in str(e.value)
 
 

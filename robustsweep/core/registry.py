@@ -7,12 +7,17 @@ the same signature as the registered ones (Hydra users expect ``_target_``). Eac
 with ``check(node, cfg)``, its own key checks (``cfg``: the whole config, for cross-key rules),
 which ``robustsweep.config.validate`` asks before anything runs: the checks live with the component,
 not in one function with ``if name == ...``.
+
+Plug-ins may live in modules that import the registry's own module (``steps/attack_zoo.py`` builds
+on ``steps/attacks.py``). Such modules are named in ``plugins`` and imported on first lookup, as
+Hydra and setuptools discover plug-ins, so the registry is complete whoever asks first and the
+modules import each other in one direction only.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,10 +55,29 @@ def import_callable(key: str, path: Any) -> Callable[..., Any]:
 class Registry(dict[str, F], Generic[F]):
     """A dict of named plug-ins for config group ``group``; ``@registry.register("name")`` adds one."""
 
-    def __init__(self, group: str, key: str = "name") -> None:
+    def __init__(self, group: str, key: str = "name", plugins: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.group, self.key = group, key
         self.checks: dict[str, Callable[[DictConfig, DictConfig], None]] = {}
+        self._plugins = plugins  # modules registering more plug-ins, imported on first lookup
+
+    def discover(self) -> None:
+        """Import the ``plugins`` modules (once); each registers its plug-ins here."""
+        plugins, self._plugins = self._plugins, ()
+        for module in plugins:
+            importlib.import_module(module)
+
+    def __contains__(self, name: object) -> bool:
+        self.discover()
+        return super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        self.discover()
+        return super().__iter__()
+
+    def __getitem__(self, name: str) -> F:
+        self.discover()
+        return super().__getitem__(name)
 
     def register(self, name: str,
                  check: Callable[[DictConfig, DictConfig], None] | None = None) -> Callable[[F], F]:
@@ -86,6 +110,7 @@ class Registry(dict[str, F], Generic[F]):
             raise ConfigError(f"{self.group}={node!r} is not valid; allowed: a config group, pick one "
                               f"with {self.group}=<option> ({', '.join(sorted(self))})")
         self.resolve(node)
+        self.discover()
         if not node.get(TARGET) and (check := self.checks.get(node.get(self.key))):
             check(node, cfg)
 

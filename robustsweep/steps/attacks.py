@@ -20,7 +20,7 @@ Threat model: ``attack.norm`` (``linf`` default, ``l2``); eps is in that norm's 
 the norm of the perturbation over the whole image, e.g. 0.5 on CIFAR-10). Each registered attack
 declares the norms it supports; FGSM is L-inf only. The stronger attacks (AutoAttack, APGD,
 Square, CW) and the per-image worst case over attacks live in robustsweep.steps.attack_zoo,
-registered here by importing it at the end of this module.
+which ATTACKS imports on its first lookup.
 
 Adding an attack: one YAML in conf/attack/ with ``_target_: <pkg.module.callable>`` (called as
 ``callable(model, eps=eps, **the YAML's other keys)``, e.g. ``torchattacks.MIFGSM``), or
@@ -52,7 +52,8 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORMS = {"linf": "Linf", "l2": "L2"}  # attack.norm -> the guard's and torchattacks' spelling
 # attack.name -> f(model, eps, **attack keys) -> attack; or attack._target_: any callable of that
 # shape, e.g. torchattacks.MIFGSM (conf/attack/mifgsm.yaml: a torchattacks attack by YAML alone).
-ATTACKS: Registry[Callable[..., AttackFn]] = Registry("attack")
+# robustsweep.steps.attack_zoo (AutoAttack, APGD, Square, CW, ensembles) registers itself on first lookup.
+ATTACKS: Registry[Callable[..., AttackFn]] = Registry("attack", plugins=("robustsweep.steps.attack_zoo",))
 register_attack = ATTACKS.register
 # attack.name -> the norms it supports (a registered attack not listed here is L-inf only)
 ATTACK_NORMS: dict[str, tuple[str, ...]] = {"none": ("linf", "l2"), "fgsm": ("linf",), "pgd": ("linf", "l2")}
@@ -385,7 +386,3 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
         log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
                     res.n_eval)
     return res
-
-
-# The stronger attacks register themselves into ATTACKS (they import the names above).
-from robustsweep.steps import attack_zoo as _attack_zoo  # noqa: E402,F401
