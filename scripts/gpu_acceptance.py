@@ -319,7 +319,7 @@ def fake_image(dest: Path) -> Path:
     return dest
 
 
-def rehearse(keep: Path | None) -> int:
+def rehearse(keep: Path | None, budget: float = 900.0) -> int:
     t0 = time.perf_counter()
     tmp = Path(keep or tempfile.mkdtemp(prefix="rs-rehearse-"))
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -334,7 +334,7 @@ def rehearse(keep: Path | None) -> int:
     (site / "gpu_image.pth").write_text(f"{image}\n")
     out = tmp / "out"
     sh([venv / "bin" / "python", Path(__file__).resolve(), "run", "--toy", "--pack", pack_dir, "--out", out,
-        "--work", tmp / "work", "--budget", "900"])
+        "--work", tmp / "work", "--budget", str(budget)])
     result = json.loads((out / "acceptance.json").read_text())
     bad = {k: v["status"] for k, v in result["steps"].items() if v["status"] != "ok"}
     n = (result.get("grid") or {}).get("cells")
@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--toy", action="store_true", help="the rehearsal's sizes, on the CPU")
     h = sub.add_parser("rehearse", help="pack at toy size for this Python and run it offline here")
     h.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
+    h.add_argument("--budget", type=float, default=900.0,
+                   help="seconds for the toy run (169 s on an idle 2-core CPU; CI allows more for a busy one)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.cmd == "pack":
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         result = run(args.pack, args.out, args.toy, args.budget, args.work)
         return 0 if all(s["status"] == "ok" for s in result["steps"].values()) else 1
-    return rehearse(args.keep)
+    return rehearse(args.keep, args.budget)
 
 
 if __name__ == "__main__":

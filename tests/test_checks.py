@@ -3,6 +3,7 @@ fails when its fault is present."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -206,3 +207,29 @@ def test_check_sweep_tags_the_falling_cell_in_the_store(tmp_path):
     assert set(flagged) == {ids[0.1]}
     assert c.get_run(ids[0.1]).data.tags["suspect"] == "asr_falls_with_eps,ig_incomplete"
     assert "suspect" not in c.get_run(ids[0.03]).data.tags
+
+
+def test_an_attack_weaker_than_pgd_is_flagged_and_l2_cells_probe_in_l2(digits_model):
+    """AutoAttack must fool at least as many probe images as PGD-10 (give or take one): an
+    'autoattack' whose own ASR is far below PGD's is tagged weaker_than_pgd; one within an image is
+    not. An L2 cell probes with L2 noise and L2 PGD and has no FGSM check."""
+    model, ds, _ = digits_model
+    with torch.no_grad():
+        pred = model(to_float(ds.x_eval)).argmax(1)
+    idx = (pred == ds.y_eval).nonzero().flatten()[:64]
+    x, y = to_float(ds.x_eval[idx]), ds.y_eval[idx]
+    aa = OmegaConf.create({"name": "autoattack", "norm": "linf", "version": "standard", "steps": 10})
+
+    def build(e, o):
+        return build_attack(model, e, aa, n_classes=10, seed=0, **o)
+
+    def probe(own: float, norm: str = "linf", eps: float = 0.1):
+        return sanity.sanity_probe(model, build, "autoattack", x, y, eps, tol=0.05, norm=norm, own_asr=own)
+
+    strong = probe(own=1.0)
+    assert strong.reasons == [] and strong.asr["pgd"] > 0.2
+    assert "weaker_than_pgd" in probe(own=strong.asr["pgd"] - 2 / len(y)).reasons
+    assert "weaker_than_pgd" not in probe(own=strong.asr["pgd"] - 1 / len(y)).reasons
+    aa.norm = "l2"
+    l2 = probe(own=1.0, norm="l2", eps=1.0)
+    assert math.isnan(l2.asr["fgsm"]) and l2.reasons == [] and l2.asr["pgd"] >= l2.asr["noise"]
