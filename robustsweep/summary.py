@@ -83,18 +83,22 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
         cell["attack.norm"] = cell["attack.norm"] or "linf"  # runs from before attack.norm: L-inf
-        # What plots group and label by: the attack with its threat model ("pgd", "pgd L2")
-        cell["attack"] = cell["attack.name"] + (" L2" if cell["attack.norm"] == "l2" else "")
+        cell["attack"] = attack_label(cell)
         cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p
         cells.append(cell)
-    return sorted(cells, key=lambda c: (c["attack"], c["prune.method"], c["epsilon"], c["sparsity"]))
+    return sorted(cells, key=lambda c: (attack_label(c), c["prune.method"], c["epsilon"], c["sparsity"]))
+
+
+def attack_label(cell: dict[str, Any]) -> str:
+    """What plots group and label by: the attack with its threat model ("pgd", "pgd L2")."""
+    return cell.get("attack") or cell["attack.name"] + (" L2" if cell.get("attack.norm") == "l2" else "")
 
 
 def _groups(cells: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     g: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        g[(c["attack"], c["prune.method"])].append(c)
+        g[(attack_label(c), c["prune.method"])].append(c)
     return dict(sorted(g.items()))
 
 
@@ -164,7 +168,7 @@ def curves(cells: list[dict[str, Any]]) -> plt.Figure:
     # ASR: one curve per (attack, method, eps), over the images the model got right
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        lines[(c["attack"], c["prune.method"], c["epsilon"])].append(c)
+        lines[(attack_label(c), c["prune.method"], c["epsilon"])].append(c)
     for (attack, method, eps), cs in sorted(lines.items()):
         cs = sorted(cs, key=lambda c: c["sparsity"])
         _band(axes[1], [c["sparsity"] for c in cs], [c["asr"] for c in cs],
@@ -248,7 +252,7 @@ def drift_figure(cells: list[dict[str, Any]]) -> plt.Figure | None:
     axes = grid.flatten()
     lines: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
-        lines[(c["prune.method"], c["attack"], c["epsilon"])].append(c)
+        lines[(c["prune.method"], attack_label(c), c["epsilon"])].append(c)
     for n, ((method, attack, eps), cs) in enumerate(sorted(lines.items())):
         cs = sorted(cs, key=lambda c: c["sparsity"])
         xs = [c["sparsity"] for c in cs]
