@@ -7,6 +7,7 @@ import csv
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchattacks
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from robustsweep.config import ConfigError, validate
 from robustsweep.core.guards import frozen
 from robustsweep.pipeline import run
-from robustsweep.steps.attack_zoo import Ensemble, InsideBall
+from robustsweep.steps.attack_zoo import Ensemble, InsideBall, autoattack
 from robustsweep.steps.attacks import PGD, build_attack, evaluate
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate.min_norm import curve, min_norms
@@ -241,3 +242,31 @@ def test_autoattack_cell_end_to_end_logs_breakdown_outcomes_curve_and_transfer(m
     assert len(fooled) == m["n_fooled"] and all(r["broken_by"] for r in fooled)
     names = {a.path for a in client.list_artifacts(rid, "min_norm")}
     assert names == {"min_norm/distances.csv", "min_norm/curve.png"}
+
+
+def test_attacks_that_need_more_classes_than_the_data_has_are_refused_before_any_run(tmp_path):
+    """AutoAttack's APGD-T reads the 4th-largest logit and APGD-DLR the 3rd: on a 3-class image
+    folder the first must be refused at validation (torchattacks would raise an IndexError
+    mid-run), the second allowed; a 2-class folder refuses APGD-DLR too."""
+    from PIL import Image
+
+    from robustsweep.config import compose
+
+    def tree(root, classes):
+        for split in ("train", "test"):
+            for c in classes:
+                d = root / split / c
+                d.mkdir(parents=True)
+                Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "0.png")
+
+    tree(tmp_path / "three", ("a", "b", "c"))
+    tree(tmp_path / "two", ("a", "b"))
+    three = ["data=imagefolder", f"data.root={tmp_path / 'three'}", "model=small_cnn"]
+    with pytest.raises(ConfigError, match=r"attack=autoattack needs a dataset with at least 4 classes.*has 3"):
+        validate(compose([*three, "attack=autoattack"]))
+    with pytest.raises(ConfigError, match=r"attack.attacks\[1\].*at least 3 classes.*has 2"):
+        validate(compose(["data=imagefolder", f"data.root={tmp_path / 'two'}", "model=small_cnn",
+                          "attack=ensemble"]))
+    validate(compose([*three, "attack=apgd", "attack.loss=dlr"]))
+    with pytest.raises(ValueError, match="needs the data's class count"):
+        autoattack(torch.nn.Identity(), 0.1, n_classes=3)

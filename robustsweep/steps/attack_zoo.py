@@ -46,6 +46,7 @@ from robustsweep.steps.attacks import (
     check_norm,
     register_attack,
 )
+from robustsweep.steps.data import shape_hint
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,33 @@ AA_VERSIONS = ("standard",)
 APGD_LOSSES = ("ce", "dlr")
 
 
-def _n_classes(n_classes: int | None, name: str) -> int:
-    if not n_classes or n_classes < 2:
-        raise ValueError(f"attack={name} needs the data's class count (>= 2: its targets are the other "
-                         f"classes), got n_classes={n_classes!r}")
+# The fewest classes each loss can be computed for: APGD's DLR loss divides by the gap between the
+# largest and 3rd-largest logit; APGD-T's targeted DLR (in AutoAttack) by the largest minus the mean
+# of the 3rd and 4th; the targeted attacks' targets are the other classes. With fewer, torchattacks
+# raises an IndexError mid-run (or, with n_classes too small, attacks a wrong target set).
+MIN_CLASSES = {"autoattack": (4, "APGD-T's targeted DLR loss reads the 4th-largest logit"),
+               "apgd-dlr": (3, "the DLR loss reads the 3rd-largest logit"),
+               "targeted": (2, "its targets are the other classes")}
+
+
+def _n_classes(n_classes: int | None, name: str, need: str = "targeted") -> int:
+    least, why = MIN_CLASSES[need]
+    if not n_classes or n_classes < least:
+        raise ValueError(f"attack={name} needs the data's class count (>= {least}: {why}), got "
+                         f"n_classes={n_classes!r}")
     return n_classes
+
+
+def _check_classes(cfg: DictConfig, name: str, need: str) -> None:
+    """Before any run: the data has enough classes for ``name``'s loss (``shape_hint`` counts an
+    image folder's class folders without decoding anything)."""
+    least, why = MIN_CLASSES[need]
+    k = shape_hint(cfg.data)[2]
+    if k < least:
+        raise ConfigError(f"attack={name} needs a dataset with at least {least} classes ({why}); data="
+                          f"{cfg.data.get('name')!r} has {k}. Allowed with {k} class(es): an untargeted "
+                          f"margin-free attack, e.g. attack=pgd, attack=fgsm, attack=apgd attack.loss=ce"
+                          + (", attack=square" if k >= 2 else ""))
 
 
 class Ensemble:
@@ -140,13 +163,14 @@ def _check_autoattack(node: DictConfig, cfg: DictConfig) -> None:
     check(node.get("version", "standard") in AA_VERSIONS, "attack.version", node.get("version"),
           " or ".join(AA_VERSIONS))
     positive_int(cfg, "attack.steps")
+    _check_classes(cfg, "autoattack", "autoattack")
 
 
 @register_attack("autoattack", check=_check_autoattack)
 def autoattack(model: nn.Module, eps: float, norm: str = "linf", version: str = "standard", steps: int = 10,
                n_classes: int | None = None, seed: int = 0, **_: object) -> Ensemble:
     """AutoAttack standard (see the module docstring)."""
-    n = _n_classes(n_classes, "autoattack")
+    n = _n_classes(n_classes, "autoattack", "autoattack")
     return Ensemble(model, autoattack_components(model, eps, NORMS[norm], n, seed, steps), NORMS[norm])
 
 
@@ -154,6 +178,8 @@ def _check_apgd(node: DictConfig, cfg: DictConfig) -> None:
     check(node.get("loss", "ce") in APGD_LOSSES, "attack.loss", node.get("loss"), " or ".join(APGD_LOSSES))
     positive_int(cfg, "attack.steps")
     positive_int(cfg, "attack.n_restarts")
+    if node.get("loss", "ce") == "dlr":
+        _check_classes(cfg, "apgd attack.loss=dlr", "apgd-dlr")
 
 
 @register_attack("apgd", check=_check_apgd)
