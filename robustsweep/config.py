@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustsweep.core.device import resolve_device
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.params import check, parse_epsilon, unlocked
+from robustsweep.core.params import check, nonnegative_int, number_in, parse_epsilon, positive_int, unlocked
 from robustsweep.core.paths import CONF_DIR, resolve_path
 from robustsweep.core.schema import DEPRECATED_PRUNE_KEYS, register_configs
 from robustsweep.steps import evaluate
@@ -77,6 +77,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_prune_config(cfg.prune, cfg)
     check_defend_config(cfg)
     evaluate.check_config(cfg)
+    if cfg.get("efficiency") is not None:
+        nonnegative_int(cfg, "efficiency.warmup")
+        positive_int(cfg, "efficiency.min_repeats")
+        number_in(cfg, "efficiency.min_seconds", 0.0, 600.0, "seconds in [0, 600]")
     check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
           "a non-empty MLflow experiment name")
     return cfg

@@ -1,5 +1,5 @@
 """One cell, top to bottom: validate -> open its MLflow run -> data -> baseline -> compress ->
-defend -> evaluate -> log.
+defend -> measure its efficiency -> evaluate -> log.
 
 ``run(cfg)`` is a plain function (no Hydra needed: tests call it with a composed config) and
 returns the metrics dict, so any Hydra sweeper can optimise any metric the steps declare
@@ -24,7 +24,7 @@ from robustsweep.core.device import amp_name, resolve_device
 from robustsweep.core.guards import state_hash, unchanged
 from robustsweep.core.params import eps_label
 from robustsweep.core.paths import resolve_path
-from robustsweep.steps import compress, evaluate
+from robustsweep.steps import compress, efficiency, evaluate
 from robustsweep.steps.attacks import attack_norm
 from robustsweep.steps.data import Dataset, load_dataset
 from robustsweep.steps.defend import defend
@@ -43,7 +43,7 @@ PIPELINE_METRICS = ("baseline_test_acc", "job_s", "mlflow_s", "peak_rss_mb", "cu
 
 def returned_metrics() -> tuple[str, ...]:
     """Every metric name ``run`` may return (what a sweeper may optimise, what cells.csv lists)."""
-    return (*evaluate.declared_metrics(), *compress.METRICS, *PIPELINE_METRICS)
+    return (*evaluate.declared_metrics(), *compress.METRICS, *efficiency.METRICS, *PIPELINE_METRICS)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 class Compressed:
     model: torch.nn.Module  # eval mode
     baseline: dict[str, Any]  # where the dense baseline came from (source, test_acc)
-    measured: dict[str, float]  # what the compress stages measured (sparsity_measured, ...)
+    measured: dict[str, float]  # what compress and efficiency measured (sparsity_measured, flops, ...)
     model_hash: str  # SHA-256 of the state_dict
     dense_hash: str  # the same of the dense baseline it was compressed from
 
@@ -98,10 +98,12 @@ def compressed_model(cfg: DictConfig, ds: Dataset, device: torch.device) -> Comp
         reuse.PRUNED.drop(key)
     model, base = _baseline(cfg, ds, device)
     dense_hash = state_hash(model)
-    stages = compress.compress(model, cfg)
+    stages = compress.compress(model, cfg, ds)
     defend(model, cfg, ds, changed=any(s.changed for s in stages))
     measured = compress.finalize(stages)
     model.eval()
+    # what the compression bought: parameters, bytes, FLOPs, latency (of this model, on this device)
+    measured.update(efficiency.measure(model, tuple(ds.x_test.shape[1:]), device, cfg.efficiency))
     m = Compressed(model, {"source": base["source"], "test_acc": base["test_acc"]}, measured, state_hash(model),
                    dense_hash)
     reuse.PRUNED.put(key, m)

@@ -9,6 +9,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
   drift.png                                 attribution-drift metrics vs sparsity with 95 % bootstrap bands
   security_curves.png                       robust accuracy vs eps per sparsity (min_norm=bisect cells)
+  pareto.png                                robust accuracy and ASR vs latency and size, Pareto fronts
   cells.csv                                 every cell's params, metrics and `suspect` tag
 
 Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
@@ -309,6 +310,65 @@ def security_curves(client: Any, cells: list[dict[str, Any]]) -> plt.Figure | No
     return fig
 
 
+def compression_label(cell: dict[str, Any]) -> str:
+    """``dense``, or the compress method and its level (``global_l1 0.50``)."""
+    method = cell.get("prune.method") or "none"
+    return "dense" if method == "none" or not cell["sparsity"] else f"{method} {cell['sparsity']:.2f}"
+
+
+def pareto_front(cost: list[float], value: list[float], higher_is_better: bool) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower cost, better value), by cost."""
+    sign = 1 if higher_is_better else -1
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], -sign * value[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if sign * value[i] > best:
+            front.append(i)
+            best = sign * value[i]
+    return front
+
+
+PARETO_AXES = (("latency_ms_b64", "latency per batch of 64 (ms)"),
+               ("size_mb_zipped", "size on disk, zipped (MB)"))
+
+
+def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
+    """What each compression costs in robustness for what it buys: robust accuracy (higher is
+    better) and ASR (lower) against latency and size, each cell a point labelled with its
+    compression, the Pareto front drawn; one row per (attack, eps). None without efficiency metrics."""
+    cells = [c for c in cells if not math.isnan(c.get("latency_ms_b64", math.nan))]
+    if not cells:
+        return None
+    rows: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        rows[(attack_label(c), c["epsilon"])].append(c)
+    rows = dict(sorted(rows.items()))
+    fig, axes = plt.subplots(len(rows), 4, figsize=(17, 3.9 * len(rows)), squeeze=False,
+                             constrained_layout=True)
+    labels = sorted({compression_label(c).rsplit(" ", 1)[0] for c in cells})  # the method, without level
+    color = {lab: f"C{n % 10}" for n, lab in enumerate(labels)}
+    for r, ((attack, eps), cs) in enumerate(rows.items()):
+        panels = [(metric, cost) for metric in ("robust_acc", "asr") for cost in PARETO_AXES]
+        for ax, (metric, (cost, cost_label)) in zip(axes[r], panels, strict=True):
+            xs, ys = [c[cost] for c in cs], [c[metric] for c in cs]
+            for c, x, y in zip(cs, xs, ys, strict=True):
+                lab = compression_label(c)
+                ax.scatter(x, y, color=color[lab.rsplit(" ", 1)[0]], marker="x" if is_collapsed(c) else "o",
+                           s=30, zorder=3)
+                ax.annotate(lab + (" (collapsed)" if is_collapsed(c) else ""), (x, y), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+            front = pareto_front(xs, ys, higher_is_better=metric == "robust_acc")
+            ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="0.3", lw=1,
+                    label="Pareto front")
+            ax.set_xlabel(cost_label)
+            ax.set_ylabel(metric + (" (higher is better)" if metric == "robust_acc" else " (lower is better)"))
+            ax.set_title(f"{attack} {_eps_label(eps, attack)}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.suptitle("What each compression costs in robustness for what it buys (each point a cell; x: "
+                 "collapsed model)", fontsize=10)
+    return fig
+
+
 def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the summary files for a sweep into ``out_dir``; return its cells."""
     cells = collect_cells(client, parent_run_id)
@@ -333,6 +393,10 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     fig = security_curves(client, cells)
     if fig is not None:
         fig.savefig(out_dir / "security_curves.png", dpi=110)
+        plt.close(fig)
+    fig = pareto(cells)
+    if fig is not None:
+        fig.savefig(out_dir / "pareto.png", dpi=110)
         plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:

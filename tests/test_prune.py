@@ -10,14 +10,14 @@ from torch import nn
 from robustsweep.core.checkpoint import load_into, load_state, save_checkpoint
 from robustsweep.steps.models import build_model
 from robustsweep.steps.prune import (
-    PRUNE_METHODS,
     apply_pruning,
     make_permanent,
+    mask_methods,
     measured_sparsity,
     select_targets,
 )
 
-METHODS = sorted(set(PRUNE_METHODS) - {"none"})
+METHODS = mask_methods()  # prune=channel removes channels instead: tests/test_efficiency.py
 
 
 def _model(name: str = "resnet_small") -> nn.Module:

@@ -79,6 +79,17 @@ class ChecksConfig:
     tol: float = 0.05  # ASR slack for PGD >= FGSM and for "ASR does not fall as eps grows"
 
 
+@dataclass
+class EfficiencyConfig:
+    """How each compressed model's size, FLOPs and latency are measured (robustsweep.steps.efficiency).
+    Not part of a cell's identity: latency is a property of the machine, not of the cell."""
+
+    latency: bool = True  # time forward passes at batch 1 and 64 (off: latency_ms_* not logged)
+    warmup: int = 3  # untimed passes first (allocator, cuDNN, thread pools)
+    min_repeats: int = 10  # timed passes at least ...
+    min_seconds: float = 0.5  # ... and at least this long in all; the median is logged
+
+
 class Amp(Enum):
     none = "none"  # float32 throughout
     bf16 = "bf16"  # bfloat16 autocast for attacks and evaluation (IG stays float32)
@@ -119,6 +130,7 @@ class Config:
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

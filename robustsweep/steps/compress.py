@@ -4,8 +4,9 @@ Each stage is a config group with a neutral option (``prune=none``) and a functi
 ``stage(model, cfg) -> Stage``: it changes the model in place and says how to finish the job
 (``finalize``, called after the ``defend`` step: pruning keeps its masks attached through a
 fine-tune and folds them in afterwards) and what it measured (``sparsity_measured``). Today's
-stage is pruning (robustsweep.steps.prune); quantization or physical channel removal plug in as
-further stages, in ``STAGES`` order, each declaring its metric names in ``METRICS``.
+stage is pruning: masks (robustsweep.steps.prune) or, for ``prune=channel``, channel removal
+(robustsweep.steps.channel). Further stages plug in in ``STAGES`` order, each declaring its
+metric names in ``METRICS``. Stages get the data too (calibration images, the input shape).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.steps.channel import remove_channels
+from robustsweep.steps.data import Dataset, to_float
 from robustsweep.steps.prune import PRUNE_METHODS, apply_pruning, make_permanent, measured_sparsity
 
 log = logging.getLogger(__name__)
@@ -28,10 +32,13 @@ class Stage:
     finalize: Callable[[], dict[str, float]] = field(default=lambda: {})  # -> measured metrics
 
 
-def prune_stage(model: nn.Module, cfg: DictConfig) -> Stage:
-    """``prune.*`` at the top-level ``sparsity``: masks attached now, folded in by finalize."""
+def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
+    """``prune.*`` at the top-level ``sparsity``: masks attached now, folded in by finalize
+    (``prune=channel``: channels removed now)."""
     node = cfg.prune
     method = PRUNE_METHODS.name_of(node)
+    if method == "channel" and not node.get("_target_"):
+        return channel_stage(model, cfg, ds)
     targets = apply_pruning(model, node, cfg.sparsity, node.layers, node.get("exclude") or (), seed=cfg.seed)
 
     def finalize() -> dict[str, float]:
@@ -46,14 +53,32 @@ def prune_stage(model: nn.Module, cfg: DictConfig) -> Stage:
     return Stage(changed=method != "none" and cfg.sparsity > 0, finalize=finalize)
 
 
+def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
+    """``prune=channel``: the least important channels removed (a smaller dense model); a
+    fine-tune after it trains the smaller model."""
+    node = cfg.prune
+    device = next(model.parameters()).device
+    calib = None
+    if node.get("importance") == "taylor":
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        idx = torch.randperm(len(ds.y_train), generator=g)[:int(node.n_calib)]
+        x, y = ds.x_train, ds.y_train
+        calib = (to_float(x[idx.to(x.device)]).to(device), y[idx.to(y.device)].to(device))
+    measured = remove_channels(model, float(cfg.sparsity), str(node.get("importance", "l1")),
+                               to_float(ds.x_test[:2]).to(device), len(ds.classes),
+                               list(node.get("exclude") or []), calib, seed=int(cfg.seed))
+    return Stage(changed=cfg.sparsity > 0, finalize=lambda: measured)
+
+
 # In order. Each: (config group, stage function).
-STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig], Stage]], ...] = (("prune", prune_stage),)
-METRICS: tuple[str, ...] = ("sparsity_measured",)  # every metric a stage's finalize may return
+STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset], Stage]], ...] = (("prune", prune_stage),)
+# every metric a stage's finalize may return
+METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed")
 
 
-def compress(model: nn.Module, cfg: DictConfig) -> list[Stage]:
+def compress(model: nn.Module, cfg: DictConfig, ds: Dataset) -> list[Stage]:
     """Apply every stage to ``model`` in place; finalize them (``finalize``) after ``defend``."""
-    return [stage(model, cfg) for _, stage in STAGES]
+    return [stage(model, cfg, ds) for _, stage in STAGES]
 
 
 def finalize(stages: list[Stage]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Cell identity: which config determines a cell's numbers, as one canonical dict.
 
 ``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``:
-paths, tracking, Hydra, search, checks, perf except ``perf.amp``; ``attack.norm`` when it is
+paths, tracking, Hydra, search, checks, efficiency, perf except ``perf.amp``; ``attack.norm`` when it is
 ``linf``, the only norm before the key existed) and minus every step at its
 neutral default (a group node whose ``name``/``method`` is ``none``). So a new config group whose
 default is ``none`` leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming.
@@ -25,8 +25,9 @@ from robustsweep.core.device import amp_name
 from robustsweep.core.params import parse_epsilon
 
 # config nodes that cannot change a cell's numbers (checks only add sanity metrics and tags;
-# perf.* changes how fast, not what: only perf.amp, bf16 arithmetic, can change a result)
-NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks", "perf")
+# perf.* changes how fast, not what: only perf.amp, bf16 arithmetic, can change a result;
+# efficiency.* says how latency is timed, a property of the machine)
+NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks", "efficiency", "perf")
 NEUTRAL = "none"
 TARGET = "_target_"
 

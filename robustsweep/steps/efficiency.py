@@ -1,0 +1,128 @@
+"""What a compressed model buys: parameters, bytes, FLOPs and latency, measured on the model itself.
+
+Claim: these are the numbers a deployer would measure, not ones derived from the config. An
+unstructured-pruned model keeps every weight tensor at full shape (zeros included), so its
+``params_total``, ``size_mb``, ``flops`` and latency stay those of the dense model; only
+``params_nonzero`` and the deflate-compressed size (``size_mb_zipped``) show the zeros. A model
+whose channels were removed is smaller in every column.
+
+* ``params_total`` / ``params_nonzero``: elements of the model's parameters (not batch-norm
+  running statistics), plus the integer elements of quantized weight tensors, which are not
+  ``nn.Parameter``s.
+* ``size_mb``: bytes of the state dict as safetensors (what ``robustsweep.core.checkpoint`` writes),
+  in MB = 10^6 bytes; ``size_mb_zipped``: the same bytes through zlib at level 6 (a zip on disk).
+* ``flops``: floating-point operations of one forward pass on one image
+  (``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add of convolutions and matmuls;
+  elementwise ops are not counted, as in most papers' FLOP tables).
+* ``latency_ms_b1`` / ``latency_ms_b64``: median wall time of one forward pass at batch 1 and 64 on
+  the run's device, after ``warmup`` passes, over at least ``min_repeats`` passes and
+  ``min_seconds`` (CUDA: synchronised before each clock read). It measures the machine as it is:
+  cells run in parallel on the same cores slow each other (README "Compression").
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import statistics
+import time
+import zlib
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METRICS = ("params_total", "params_nonzero", "size_mb", "size_mb_zipped", "flops", "latency_ms_b1",
+           "latency_ms_b64")
+LATENCY_BATCHES = (1, 64)
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters, and the quantized weight tensors of the state dict."""
+    quantized = [t.int_repr() for t in model.state_dict().values()
+                 if isinstance(t, torch.Tensor) and t.is_quantized]
+    return [p.detach() for p in model.parameters()] + quantized
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all weight elements, nonzero ones) of the state dict."""
+    ws = _weights(model)
+    return sum(w.numel() for w in ws), sum(int(torch.count_nonzero(w)) for w in ws)
+
+
+def size_bytes(model: nn.Module) -> tuple[int, int]:
+    """(safetensors bytes of the state dict, the same through zlib level 6)."""
+    from safetensors.torch import save
+
+    state = {}
+    for k, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            # safetensors has no quantized dtype: the integer values are what a file would hold
+            state[k] = (t.int_repr() if t.is_quantized else t).detach().cpu().contiguous()
+    try:
+        blob = save(state)
+    except (ValueError, RuntimeError):  # shared storage (tied weights): torch.save's bytes instead
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blob = buf.getvalue()
+    return len(blob), len(zlib.compress(blob, 6))
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (one image, shape (1, C, H, W))."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(example)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor, warmup: int = 3, min_repeats: int = 10,
+               min_seconds: float = 0.5, max_repeats: int = 1000) -> float:
+    """Median milliseconds of ``model(x)``: ``warmup`` passes, then at least ``min_repeats`` timed
+    passes and at least ``min_seconds`` of them (at most ``max_repeats``)."""
+    cuda = x.device.type == "cuda"
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        total = 0.0
+        while len(times) < max_repeats and (len(times) < min_repeats or total < min_seconds):
+            t = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            dt = time.perf_counter() - t
+            times.append(dt)
+            total += dt
+    return 1000 * statistics.median(times)
+
+
+def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
+            cfg: DictConfig | None = None) -> dict[str, float]:
+    """Every METRICS figure for ``model`` (eval mode, inputs in [0, 1] of ``image_shape`` = C, H, W)."""
+    cfg = cfg or DictConfig({})
+    total, nonzero = count_params(model)
+    size, zipped = size_bytes(model)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = {b: torch.rand((b, *image_shape), generator=gen).to(device) for b in LATENCY_BATCHES}
+    out = {"params_total": float(total), "params_nonzero": float(nonzero), "size_mb": size / 1e6,
+           "size_mb_zipped": zipped / 1e6, "flops": float(count_flops(model, x[1]))}
+    if cfg.get("latency", True):
+        for b in LATENCY_BATCHES:
+            out[f"latency_ms_b{b}"] = latency_ms(model, x[b], int(cfg.get("warmup", 3)),
+                                                 int(cfg.get("min_repeats", 10)),
+                                                 float(cfg.get("min_seconds", 0.5)))
+    model.train(was_training)
+    log.info("efficiency: %d params (%d nonzero), %.3f MB (%.3f MB zipped), %.3g FLOPs/image%s",
+             total, nonzero, out["size_mb"], out["size_mb_zipped"], out["flops"],
+             "".join(f", {out[f'latency_ms_b{b}']:.2f} ms at batch {b}" for b in LATENCY_BATCHES
+                     if f"latency_ms_b{b}" in out))
+    return out
