@@ -32,6 +32,7 @@ from robustsweep.steps.data import check_data_config
 from robustsweep.steps.defend import check_defend_config, is_none
 from robustsweep.steps.models import check_model_config
 from robustsweep.steps.prune import check_prune_config
+from robustsweep.steps.quantize import check_quantize_config
 from robustsweep.steps.train import check_train_config
 
 __all__ = ["CONF_DIR", "ConfigError", "compose", "compose_and_validate", "parse_epsilon",
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_model_config(cfg.model, cfg)
     check_train_config(cfg)
     check_prune_config(cfg.prune, cfg)
+    check_quantize_config(cfg.get("quantize"), cfg)
     check_defend_config(cfg)
     evaluate.check_config(cfg)
     if cfg.get("efficiency") is not None:

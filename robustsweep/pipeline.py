@@ -122,7 +122,10 @@ def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch
 
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
     sparsity = measured.get("sparsity_measured", cfg.sparsity)
-    return (f"{component(cfg.model)} {component(cfg.prune, 'method')} sparsity {sparsity:.2f} | "
+    q = cfg.get("quantize")
+    quant = "" if q is None or q.get("name") in (None, "none") else \
+        f" {component(q)}" + (f" {q.bits} bits" if q.get("bits") is not None else "")
+    return (f"{component(cfg.model)} {component(cfg.prune, 'method')} sparsity {sparsity:.2f}{quant} | "
             f"{component(cfg.attack)} eps {eps_label(float(cfg.epsilon), attack_norm(cfg.attack))}")
 
 

@@ -39,8 +39,8 @@ from robustsweep.core.params import eps_label
 
 log = logging.getLogger(__name__)
 
-KEY_PARAMS = ("model.name", "data.name", "prune.method", "attack.name", "attack.norm", "sparsity", "epsilon",
-              "seed")
+KEY_PARAMS = ("model.name", "data.name", "prune.method", "quantize.name", "quantize.bits", "attack.name",
+              "attack.norm", "sparsity", "epsilon", "seed")
 COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
 
 
@@ -311,9 +311,19 @@ def security_curves(client: Any, cells: list[dict[str, Any]]) -> plt.Figure | No
 
 
 def compression_label(cell: dict[str, Any]) -> str:
-    """``dense``, or the compress method and its level (``global_l1 0.50``)."""
+    """``dense``, or the compress methods and their levels (``global_l1 0.50``, ``fake 4b``,
+    ``global_l1 0.50 + int8``): the method names first, the last word a level."""
     method = cell.get("prune.method") or "none"
-    return "dense" if method == "none" or not cell["sparsity"] else f"{method} {cell['sparsity']:.2f}"
+    parts = [] if method == "none" or not cell["sparsity"] else [f"{method} {cell['sparsity']:.2f}"]
+    q = cell.get("quantize.name") or "none"
+    if q != "none":
+        parts.append(f"{q} {cell['quantize.bits']}b" if cell.get("quantize.bits") else q)
+    return " + ".join(parts) or "dense"
+
+
+def _method_of(cell: dict[str, Any]) -> str:
+    """The compression without its levels (one colour per method in the Pareto figure)."""
+    return " + ".join(p.split(" ")[0] for p in compression_label(cell).split(" + "))
 
 
 def pareto_front(cost: list[float], value: list[float], higher_is_better: bool) -> list[int]:
@@ -345,7 +355,7 @@ def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
     rows = dict(sorted(rows.items()))
     fig, axes = plt.subplots(len(rows), 4, figsize=(17, 3.9 * len(rows)), squeeze=False,
                              constrained_layout=True)
-    labels = sorted({compression_label(c).rsplit(" ", 1)[0] for c in cells})  # the method, without level
+    labels = sorted({_method_of(c) for c in cells})
     color = {lab: f"C{n % 10}" for n, lab in enumerate(labels)}
     for r, ((attack, eps), cs) in enumerate(rows.items()):
         panels = [(metric, cost) for metric in ("robust_acc", "asr") for cost in PARETO_AXES]
@@ -353,7 +363,7 @@ def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
             xs, ys = [c[cost] for c in cs], [c[metric] for c in cs]
             for c, x, y in zip(cs, xs, ys, strict=True):
                 lab = compression_label(c)
-                ax.scatter(x, y, color=color[lab.rsplit(" ", 1)[0]], marker="x" if is_collapsed(c) else "o",
+                ax.scatter(x, y, color=color[_method_of(c)], marker="x" if is_collapsed(c) else "o",
                            s=30, zorder=3)
                 ax.annotate(lab + (" (collapsed)" if is_collapsed(c) else ""), (x, y), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")

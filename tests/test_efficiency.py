@@ -138,3 +138,53 @@ def test_pareto_front_and_figure():
     assert len(fig.axes) == 4 and len(fig.axes[0].collections) == 3
     assert {t.get_text() for t in fig.axes[0].texts} == {"dense", "channel 0.50", "global_l1 0.50"}
     assert pareto([{**c, "latency_ms_b64": float("nan")} for c in cells]) is None
+
+
+def test_fake_quantization_matches_a_hand_rounding_and_keeps_pruned_zeros():
+    from robustsweep.steps.quantize import levels_per_channel, quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3)
+    w[0] = 0.0  # an all-zero channel stays zero
+    w[1, 0] = 0.0  # pruned weights stay zero
+    for bits in (8, 6, 4, 2):
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.reshape(6, -1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1, 1) / qmax
+        ref = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+        q = quantize_weight(w, bits)
+        assert torch.allclose(q, ref, atol=1e-6), bits
+        assert levels_per_channel(q) <= 2 ** bits - 1
+        assert (q[0] == 0).all() and (q[1, 0] == 0).all()
+    assert levels_per_channel(quantize_weight(w, 2)) == 3
+
+
+def test_a_cell_with_pruning_and_fake_quantization_measures_both(make_cfg):
+    from robustsweep.pipeline import run
+
+    out = run(validate(make_cfg("prune=global_l1", "sparsity=0.5", "quantize=fake", "quantize.bits=4",
+                                "attribution=none", "efficiency.latency=false")))
+    assert out["quant_bits"] == 4 and 3 <= out["quant_levels_max"] <= 15
+    assert out["sparsity_measured"] >= 0.5  # rounding only adds zeros
+    dense8 = run(validate(make_cfg("prune=none", "quantize=fake", "quantize.bits=8", "attribution=none",
+                                   "efficiency.latency=false")))
+    dense = run(validate(make_cfg("prune=none", "attribution=none", "efficiency.latency=false")))
+    assert abs(dense8["clean_acc"] - dense["clean_acc"]) <= 0.02  # 8 bits: nearly the float model
+    assert "quant_bits" not in dense
+
+
+def test_bad_quantization_input_is_refused_and_none_keeps_cell_ids(make_cfg):
+    from omegaconf import OmegaConf
+
+    from robustsweep.tracking.identity import cell_id
+
+    for overrides, match in [(("quantize=fake", "quantize.bits=9"), r"quantize.bits=9.*\{2..8\}"),
+                             (("quantize=fake", "quantize.bits=1"), r"quantize.bits=1"),
+                             (("quantize=fake", "quantize.layers=[]"), r"quantize.layers"),
+                             (("quantize.name=int4",), r"quantize.name='int4' is not valid; allowed: .*fake")]:
+        with pytest.raises(ConfigError, match=match):
+            validate(make_cfg(*overrides))
+    cfg = make_cfg()
+    without = cfg.copy()
+    OmegaConf.set_struct(without, False)
+    del without["quantize"]
+    assert cell_id(cfg) == cell_id(without)

@@ -122,6 +122,7 @@ class Config:
     objective: Any = None  # the dense baseline's training objective (conf/objective/)
     prune: Any = field(default_factory=lambda: dict.fromkeys(DEPRECATED_PRUNE_KEYS))
     defend: Any = None  # fine-tuning after compression (conf/defend/; none = no fine-tune)
+    quantize: Any = None  # post-training quantization after pruning (conf/quantize/; none = float)
     attack: Any = None
     attribution: Any = None
     drift: Any = None  # attribution drift against the dense model (conf/drift/; none = off)

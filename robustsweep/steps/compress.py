@@ -22,6 +22,8 @@ from torch import nn
 from robustsweep.steps.channel import remove_channels
 from robustsweep.steps.data import Dataset, to_float
 from robustsweep.steps.prune import PRUNE_METHODS, apply_pruning, make_permanent, measured_sparsity
+from robustsweep.steps.quantize import METRICS as QUANT_METRICS
+from robustsweep.steps.quantize import QUANTIZERS, is_none
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,28 @@ def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     return Stage(changed=cfg.sparsity > 0, finalize=lambda: measured)
 
 
+def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
+    """``quantize.*``: post-training quantization, applied in finalize -- after pruning's masks are
+    folded in and after any fine-tune -- so it quantizes the model that would be shipped."""
+    node = cfg.get("quantize")
+    if is_none(node):
+        return Stage(changed=False)
+    fn = QUANTIZERS.resolve(node)
+    n_calib = int(node.get("n_calib") or 0)
+
+    def calib() -> torch.Tensor:  # seeded training images in [0, 1]: decoded only if a method asks
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        idx = torch.randperm(len(ds.y_train), generator=g)[:n_calib]
+        return to_float(ds.x_train[idx.to(ds.x_train.device)])
+
+    return Stage(changed=False, finalize=lambda: fn(model, node, calib))
+
+
 # In order. Each: (config group, stage function).
-STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset], Stage]], ...] = (("prune", prune_stage),)
+STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset], Stage]], ...] = (
+    ("prune", prune_stage), ("quantize", quantize_stage))
 # every metric a stage's finalize may return
-METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed")
+METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", *QUANT_METRICS)
 
 
 def compress(model: nn.Module, cfg: DictConfig, ds: Dataset) -> list[Stage]:
