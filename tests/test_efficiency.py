@@ -188,3 +188,74 @@ def test_bad_quantization_input_is_refused_and_none_keeps_cell_ids(make_cfg):
     OmegaConf.set_struct(without, False)
     del without["quantize"]
     assert cell_id(cfg) == cell_id(without)
+
+
+@pytest.fixture(scope="module")
+def int8_pair(digits_model):
+    """The digits CNN pruned 50 % (global_l1) and quantized to int8, through the compress stages."""
+    from robustsweep.config import compose
+    from robustsweep.steps import compress
+
+    model, ds, cfg = digits_model
+    cfg = validate(compose(["prune=global_l1", "sparsity=0.5", "quantize=int8", "device=cpu",
+                            f"paths.output_dir={cfg.paths.output_dir}"]))
+    m = copy.deepcopy(model)
+    measured = compress.finalize(compress.compress(m, cfg, ds))
+    return m.eval(), ds, measured
+
+
+def test_int8_twin_agrees_and_gives_gradients_while_the_int8_model_scores(int8_pair):
+    from robustsweep.steps.evaluate.quant import check_twin_gradient
+    from robustsweep.steps.quantize import pairs, twin_mode
+
+    m, ds, measured = int8_pair
+    (pair,) = pairs(m)
+    x = to_float(ds.x_test)
+    assert measured["quant_bits"] == 8
+    with torch.inference_mode():
+        scored = m(x)
+        assert torch.equal(scored, pair.int8((x - m.mean) / m.std))  # the int8 network decides
+        with twin_mode(m):
+            twin = m(x)
+    assert (scored.argmax(1) == twin.argmax(1)).float().mean() >= 0.99
+    assert not torch.equal(scored, twin)  # two different computations
+    assert any(t.is_quantized for t in m.state_dict().values())  # what is stored is the int8 model
+    check_twin_gradient(m, x[:8], ds.y_test[:8])  # does not raise
+    c = measure(m, tuple(ds.x_test.shape[1:]), torch.device("cpu"))
+    assert c["flops"] > 0 and c["params_nonzero"] < 0.6 * c["params_total"]  # pruned zeros survive int8
+
+
+def test_a_twin_without_input_gradient_is_an_error():
+    from robustsweep.steps.evaluate.quant import TwinGradientError, check_twin_gradient
+    from robustsweep.steps.quantize import Int8Pair
+
+    class Constant(nn.Module):  # no graph to the input (as torchao's pt2e int8 graph), or a zero one
+        def __init__(self, detach: bool) -> None:
+            super().__init__()
+            self.detach = detach
+
+        def forward(self, x):
+            return torch.zeros(len(x), 3) + 0 * (x.detach() if self.detach else x).sum()
+
+    for detach in (True, False):
+        with pytest.raises(TwinGradientError, match="silently do nothing"):
+            check_twin_gradient(Int8Pair(Constant(detach), Constant(detach)), torch.rand(2, 1, 4, 4),
+                                torch.tensor([0, 1]))
+
+
+def test_a_cell_with_int8_logs_agreement_and_the_twin_asr(make_cfg):
+    from robustsweep.pipeline import run
+
+    out = run(validate(make_cfg("quantize=int8", "device=cpu", "attack=pgd", "attribution=none",
+                                "efficiency.latency=false")))
+    assert out["quant_agreement"] >= 0.99 and 0 <= out["asr_twin"] <= 1 and 0 <= out["asr"] <= 1
+    assert out["size_mb"] < 0.5 * run(validate(make_cfg("attribution=none", "efficiency.latency=false",
+                                                         "sparsity=0")))["size_mb"]
+
+
+def test_bad_int8_input_is_refused(make_cfg):
+    for overrides, match in [(("quantize.backend=tpu",), r"quantize.backend=.tpu.*backend of this torch"),
+                             (("quantize.n_calib=0",), r"quantize.n_calib=0"),
+                             (("quantize.min_agreement=2",), r"quantize.min_agreement=2.*\[0, 1\]")]:
+        with pytest.raises(ConfigError, match=match):
+            validate(make_cfg("quantize=int8", "device=cpu", *overrides))

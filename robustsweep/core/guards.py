@@ -21,7 +21,7 @@ from robustsweep.core.errors import AttackGuardError, InputRangeError, ModelChan
 
 __all__ = ["EPS_TOL", "AttackGuardError", "InputRangeError", "ModelChangedError", "attack_checked",
            "check_adversarial", "check_unit_range", "frozen", "perturbation_norm", "state_hash",
-           "unchanged"]
+           "state_tensors", "unchanged"]
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EPS_TOL = 1e-6
@@ -39,10 +39,41 @@ def check_unit_range(x: torch.Tensor, what: str = "images") -> None:
             f"forward, so eps is in pixel units")
 
 
-def state_hash(model: nn.Module) -> str:
-    """SHA-256 of the state_dict (names, dtypes, shapes and bytes of every tensor)."""
-    h = hashlib.sha256()
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor | object]]:
+    """The state dict flattened: tensors (a quantized one as its integer values, its scales and
+    zero points beside it), the tensors inside tuples (an int8 linear layer's packed weight and
+    bias), anything else as itself."""
+
+    def walk(name: str, v: object) -> Iterator[tuple[str, torch.Tensor | object]]:
+        if isinstance(v, torch.Tensor):
+            if v.is_quantized:
+                yield name, v.int_repr()
+                if v.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                    yield f"{name}.q_scales", v.q_per_channel_scales()
+                    yield f"{name}.q_zero_points", v.q_per_channel_zero_points()
+                else:
+                    yield f"{name}.q_scale", torch.tensor(v.q_scale())
+                    yield f"{name}.q_zero_point", torch.tensor(v.q_zero_point())
+            else:
+                yield name, v
+        elif isinstance(v, tuple | list):
+            for i, item in enumerate(v):
+                yield from walk(f"{name}.{i}", item)
+        else:
+            yield name, v
+
     for name, v in sorted(model.state_dict().items()):
+        yield from walk(name, v)
+
+
+def state_hash(model: nn.Module) -> str:
+    """SHA-256 of the state_dict (names, dtypes, shapes and bytes of every tensor; quantized
+    tensors by their integer values and quantization parameters; other entries by ``repr``)."""
+    h = hashlib.sha256()
+    for name, v in state_tensors(model):
+        if not isinstance(v, torch.Tensor):
+            h.update(f"{name}|{v!r}|".encode())
+            continue
         t = v.detach().cpu().contiguous().reshape(-1)  # 1-D: 0-dim tensors cannot be viewed as bytes
         h.update(f"{name}|{t.dtype}|{tuple(v.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

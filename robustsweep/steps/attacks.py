@@ -45,6 +45,7 @@ from robustsweep.core.params import check, parse_epsilon, positive_int
 from robustsweep.core.progress import progress
 from robustsweep.core.registry import TARGET, Registry
 from robustsweep.steps.data import to_float
+from robustsweep.steps.quantize import pairs, twin_mode
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,9 @@ class EvalResult:
     # broke it; -1 = none did, or the image was not attacked (clean-wrong).
     broken_by: torch.Tensor | None = None
     attack_names: tuple[str, ...] = ()
+    # quantize=int8 only: the differentiable twin's predictions on the same adversarial images
+    # (= clean_pred where not attacked), so the twin-to-int8 transfer gap is visible
+    adv_pred_twin: torch.Tensor | None = None
 
     @property
     def clean_acc(self) -> float:
@@ -356,6 +360,7 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
         adv_pred = clean_pred.clone()
         names = tuple(getattr(attack, "names", ()))
         broken_by = torch.full_like(clean_pred, -1) if names else None
+        adv_pred_twin = clean_pred.clone() if pairs(model) else None
         n_fooled, n_batches, max_dist, n_grad0 = 0, 0, 0.0, getattr(attack, "n_grad", 0)
         for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
             idx = correct_idx[i:i + batch_size]
@@ -371,7 +376,10 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
             if broken_by is not None:
                 broken_by[idx] = attack.last_broken_by.to(broken_by.device)
             with torch.inference_mode():
-                p = model(x_adv).argmax(1)
+                p = model(x_adv).argmax(1)  # an int8 model: the int8 network decides
+                if adv_pred_twin is not None:
+                    with twin_mode(model):
+                        adv_pred_twin[idx] = model(x_adv).argmax(1)
             adv_pred[idx] = p
             n_fooled += int((p != yb).sum())
     if keep_direction:
@@ -381,7 +389,7 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                      clean_pred=clean_pred, adv_pred=adv_pred, n_batches_checked=n_batches,
                      max_dist=max_dist, n_grad=getattr(attack, "n_grad", 0) - n_grad0,
                      direction=direction if keep_direction else None, broken_by=broken_by,
-                     attack_names=names)
+                     attack_names=names, adv_pred_twin=adv_pred_twin)
     if res.n_correct == 0:
         log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
                     res.n_eval)

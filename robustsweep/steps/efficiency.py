@@ -13,7 +13,8 @@ whose channels were removed is smaller in every column.
   in MB = 10^6 bytes; ``size_mb_zipped``: the same bytes through zlib at level 6 (a zip on disk).
 * ``flops``: floating-point operations of one forward pass on one image
   (``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add of convolutions and matmuls;
-  elementwise ops are not counted, as in most papers' FLOP tables).
+  elementwise ops are not counted, as in most papers' FLOP tables; an int8 model: the same
+  multiply-adds counted on its float twin).
 * ``latency_ms_b1`` / ``latency_ms_b64``: median wall time of one forward pass at batch 1 and 64 on
   the run's device, after ``warmup`` passes, over at least ``min_repeats`` passes and
   ``min_seconds`` (CUDA: synchronised before each clock read). It measures the machine as it is:
@@ -32,6 +33,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core.guards import state_tensors
+from robustsweep.steps.quantize import twin_mode
+
 log = logging.getLogger(__name__)
 
 METRICS = ("params_total", "params_nonzero", "size_mb", "size_mb_zipped", "flops", "latency_ms_b1",
@@ -40,27 +44,27 @@ LATENCY_BATCHES = (1, 64)
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
-    """The parameters, and the quantized weight tensors of the state dict."""
-    quantized = [t.int_repr() for t in model.state_dict().values()
-                 if isinstance(t, torch.Tensor) and t.is_quantized]
-    return [p.detach() for p in model.parameters()] + quantized
+    """The parameters; for a model without them (an int8 model, whose weights are quantized
+    tensors and packed parameters), the weight and bias tensors of its state dict."""
+    params = [p.detach() for p in model.parameters()]
+    quantized = [t for name, t in state_tensors(model) if isinstance(t, torch.Tensor)
+                 and not name.rsplit(".", 1)[-1].startswith("q_") and (t.dtype in (torch.int8, torch.uint8)
+                                                                        or name.endswith(("bias", ".1")))]
+    return params + ([] if params else quantized)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(all weight elements, nonzero ones) of the state dict."""
+    """(all weight elements, nonzero ones)."""
     ws = _weights(model)
     return sum(w.numel() for w in ws), sum(int(torch.count_nonzero(w)) for w in ws)
 
 
 def size_bytes(model: nn.Module) -> tuple[int, int]:
-    """(safetensors bytes of the state dict, the same through zlib level 6)."""
+    """(safetensors bytes of the state dict, the same through zlib level 6). Quantized tensors are
+    stored as their integer values plus scales (safetensors has no quantized dtype)."""
     from safetensors.torch import save
 
-    state = {}
-    for k, t in model.state_dict().items():
-        if isinstance(t, torch.Tensor):
-            # safetensors has no quantized dtype: the integer values are what a file would hold
-            state[k] = (t.int_repr() if t.is_quantized else t).detach().cpu().contiguous()
+    state = {k: t.detach().cpu().contiguous() for k, t in state_tensors(model) if isinstance(t, torch.Tensor)}
     try:
         blob = save(state)
     except (ValueError, RuntimeError):  # shared storage (tied weights): torch.save's bytes instead
@@ -75,7 +79,9 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # int8 kernels are invisible to the counter: an int8 model's FLOPs are its twin's (the same
+    # multiply-adds, in int8)
+    with torch.inference_mode(), twin_mode(model), counter:
         model(example)
     return int(counter.get_total_flops())
 
