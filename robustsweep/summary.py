@@ -345,7 +345,8 @@ PARETO_AXES = (("latency_ms_b64", "latency per batch of 64 (ms)"),
 def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
     """What each compression costs in robustness for what it buys: robust accuracy (higher is
     better) and ASR (lower) against latency and size, each cell a point labelled with its
-    compression, the Pareto front drawn; one row per (attack, eps). None without efficiency metrics."""
+    compression, the Pareto front of the non-collapsed cells drawn; one row per (attack, eps). None
+    without efficiency metrics."""
     cells = [c for c in cells if not math.isnan(c.get("latency_ms_b64", math.nan))]
     if not cells:
         return None
@@ -367,9 +368,12 @@ def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
                            s=30, zorder=3)
                 ax.annotate(lab + (" (collapsed)" if is_collapsed(c) else ""), (x, y), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
-            front = pareto_front(xs, ys, higher_is_better=metric == "robust_acc")
+            # a collapsed model's robust accuracy (ASR) describes a broken model: never on the front
+            ok = [i for i, c in enumerate(cs) if not is_collapsed(c) and not math.isnan(ys[i])]
+            front = [ok[i] for i in pareto_front([xs[i] for i in ok], [ys[i] for i in ok],
+                                                 higher_is_better=metric == "robust_acc")]
             ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="0.3", lw=1,
-                    label="Pareto front")
+                    label="Pareto front (collapsed models excluded)")
             ax.set_xlabel(cost_label)
             ax.set_ylabel(metric + (" (higher is better)" if metric == "robust_acc" else " (lower is better)"))
             ax.set_title(f"{attack} {_eps_label(eps, attack)}", fontsize=9)

@@ -259,3 +259,17 @@ def test_bad_int8_input_is_refused(make_cfg):
                              (("quantize.min_agreement=2",), r"quantize.min_agreement=2.*\[0, 1\]")]:
         with pytest.raises(ConfigError, match=match):
             validate(make_cfg("quantize=int8", "device=cpu", *overrides))
+
+
+def test_a_collapsed_cell_is_drawn_but_never_on_the_pareto_front():
+    from robustsweep.summary import pareto
+
+    def cell(method, s, lat, ra, suspect=""):
+        return {"attack.name": "fgsm", "attack.norm": "linf", "prune.method": method, "sparsity": s,
+                "epsilon": 0.1, "latency_ms_b64": lat, "size_mb_zipped": lat, "robust_acc": ra,
+                "asr": 1 - ra, "suspect": suspect, "n_pred_classes": 10}
+
+    cells = [cell("none", 0.0, 10, 0.3), cell("channel", 0.75, 2, 0.5, "collapsed")]
+    ax = pareto(cells).axes[0]
+    (front,) = ax.lines
+    assert list(front.get_xdata()) == [10]  # only the dense cell

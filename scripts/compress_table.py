@@ -1,0 +1,96 @@
+"""The README's compression table: what each compression buys and what it costs in robustness.
+
+    python scripts/compress_table.py --experiment compress_cifar [--tracking-uri sqlite:///outputs/mlflow.db]
+
+Reads the FINISHED cell runs of the experiment (the newest per cell id), groups them by
+compression (prune method and sparsity, quantization, fine-tune epochs) and prints one Markdown row
+each: parameters, zipped size, MFLOPs per image, clean accuracy, the ASR of every attack@eps in the
+experiment (an int8 cell also on its twin), the int8 twin's agreement, and the `suspect` tags.
+``--latency`` adds the latency each cell measured at batch 1 and 64: cells that ran beside other
+jobs measured a busy machine, so the README's latency comes from scripts/bench_compress.py, which
+times every variant interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections import defaultdict
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from robustsweep.core.params import eps_label
+
+log = logging.getLogger("compress_table")
+
+
+def _f(v: float, fmt: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def rows(client: MlflowClient, experiment: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no experiment {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
+                              order_by=["attributes.start_time DESC"])
+    seen: set[str] = set()
+    out: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(lambda: {"asr": {}, "suspect": set()})
+    for r in runs:
+        cid = r.data.tags.get("robustsweep.cell_id")
+        if not cid or cid in seen:
+            continue
+        seen.add(cid)
+        p, m = r.data.params, r.data.metrics
+        method = p.get("prune.method", "none")
+        sparsity = float(p.get("sparsity", 0)) if method != "none" else 0.0
+        quant = p.get("quantize.name") or "none"
+        bits = p.get("quantize.bits", "") if quant == "fake" else ""
+        epochs = int(p.get("defend.epochs", 0) or 0) if p.get("defend.name", "none") != "none" else 0
+        if sparsity == 0:
+            method = "none"
+        key = (method, sparsity, quant, bits, epochs)
+        row = out[key]
+        for k in ("params_total", "params_nonzero", "size_mb_zipped", "flops", "latency_ms_b1",
+                  "latency_ms_b64", "clean_acc", "quant_agreement"):
+            row.setdefault(k, m.get(k, math.nan))
+        label = f"{p['attack.name']} {eps_label(float(p['epsilon']), p.get('attack.norm') or 'linf')}"
+        row["asr"].setdefault(label, m.get("asr", math.nan))
+        if quant == "int8":
+            row["asr"].setdefault(label + " (twin)", m.get("asr_twin", math.nan))
+        row["suspect"] |= set(filter(None, r.data.tags.get("suspect", "").split(",")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    ap.add_argument("--experiment", default="compress_cifar")
+    ap.add_argument("--latency", action="store_true", help="add the latency columns the cells measured")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    table = rows(MlflowClient(args.tracking_uri), args.experiment)
+    attacks = sorted({a for r in table.values() for a in r["asr"]})
+    lat = ["ms b1", "ms b64"] if args.latency else []
+    head = ["compression", "fine-tune", "params", "nonzero", "MB zipped", "MFLOPs", *lat, "clean",
+            *[f"ASR {a}" for a in attacks], "twin agrees", "suspect"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, sparsity, quant, bits, epochs), r in sorted(table.items()):
+        name = " + ".join(filter(None, [f"{method} {sparsity:.2f}" if method != "none" else "",
+                                        f"{quant} {bits}b" if bits else (quant if quant != "none" else "")]))
+        cols = [name or "dense", f"{epochs} ep" if epochs else "–", _f(r["params_total"], ".0f"),
+                _f(r["params_nonzero"], ".0f"), _f(r["size_mb_zipped"], ".3f"), _f(r["flops"] / 1e6, ".1f"),
+                *([_f(r["latency_ms_b1"], ".2f"), _f(r["latency_ms_b64"], ".1f")] if args.latency else []),
+                _f(r["clean_acc"], ".3f"),
+                *[_f(r["asr"].get(a, math.nan), ".3f") for a in attacks], _f(r["quant_agreement"], ".3f"),
+                ", ".join(sorted(r["suspect"])) or "–"]
+        lines.append("| " + " | ".join(cols) + " |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
