@@ -256,7 +256,8 @@ def test_a_cell_with_int8_logs_agreement_and_the_twin_asr(make_cfg):
 def test_bad_int8_input_is_refused(make_cfg):
     for overrides, match in [(("quantize.backend=tpu",), r"quantize.backend=.tpu.*backend of this torch"),
                              (("quantize.n_calib=0",), r"quantize.n_calib=0"),
-                             (("quantize.min_agreement=2",), r"quantize.min_agreement=2.*\[0, 1\]")]:
+                             (("quantize.min_agreement=2",), r"quantize.min_agreement=2.*\[0, 1\]"),
+                             (("perf.amp=bf16",), r"perf.amp='bf16'.*none with quantize=int8")]:
         with pytest.raises(ConfigError, match=match):
             validate(make_cfg("quantize=int8", "device=cpu", *overrides))
 

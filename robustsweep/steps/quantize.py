@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from robustsweep.core.device import resolve_device
+from robustsweep.core.device import amp_name, resolve_device
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, positive_int
 from robustsweep.core.registry import Registry
@@ -190,6 +190,9 @@ def _check_int8(node: DictConfig, cfg: DictConfig) -> None:
     number = node.get("min_agreement")
     check(isinstance(number, int | float) and not isinstance(number, bool) and 0 <= number <= 1,
           "quantize.min_agreement", number, "a share in [0, 1]")
+    check(amp_name(cfg) == "none", "perf.amp", amp_name(cfg),
+          "none with quantize=int8 (the int8 model computes in int8; bf16 autocast would change only the "
+          "twin the attacks differentiate)")
     device = resolve_device(cfg.device)
     check(device.type == "cpu", "device", cfg.device,
           f"cpu for quantize=int8: PyTorch's int8 kernels ({', '.join(supported)}) "
