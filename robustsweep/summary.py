@@ -39,8 +39,8 @@ from robustsweep.core.params import eps_label
 
 log = logging.getLogger(__name__)
 
-KEY_PARAMS = ("model.name", "data.name", "prune.method", "quantize.name", "quantize.bits", "attack.name",
-              "attack.norm", "sparsity", "epsilon", "seed")
+KEY_PARAMS = ("model.name", "data.name", "prune.method", "quantize.name", "quantize.bits", "defend.name",
+              "defend.epochs", "attack.name", "attack.norm", "sparsity", "epsilon", "seed")
 COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
 
 
@@ -312,12 +312,15 @@ def security_curves(client: Any, cells: list[dict[str, Any]]) -> plt.Figure | No
 
 def compression_label(cell: dict[str, Any]) -> str:
     """``dense``, or the compress methods and their levels (``global_l1 0.50``, ``fake 4b``,
-    ``global_l1 0.50 + int8``): the method names first, the last word a level."""
+    ``global_l1 0.50 + int8``, ``channel 0.50 + ft 2ep`` after a fine-tune): parts joined by " + ",
+    each a method name and its level."""
     method = cell.get("prune.method") or "none"
     parts = [] if method == "none" or not cell["sparsity"] else [f"{method} {cell['sparsity']:.2f}"]
     q = cell.get("quantize.name") or "none"
     if q != "none":
         parts.append(f"{q} {cell['quantize.bits']}b" if cell.get("quantize.bits") else q)
+    if (cell.get("defend.name") or "none") != "none" and parts:
+        parts.append(f"ft {cell.get('defend.epochs') or '?'}ep")
     return " + ".join(parts) or "dense"
 
 

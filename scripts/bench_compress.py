@@ -40,10 +40,14 @@ log = logging.getLogger("bench_compress")
 
 VARIANTS: list[tuple[str, list[str]]] = [
     ("dense", ["prune=none", "sparsity=0"]),
+    ("global_l1 0.25", ["prune=global_l1", "sparsity=0.25"]),
     ("global_l1 0.50", ["prune=global_l1", "sparsity=0.5"]),
     ("global_l1 0.75", ["prune=global_l1", "sparsity=0.75"]),
     ("channel 0.25", ["prune=channel", "sparsity=0.25"]),
     ("channel 0.50", ["prune=channel", "sparsity=0.5"]),
+    ("channel 0.75", ["prune=channel", "sparsity=0.75"]),
+    ("fake 8b", ["prune=none", "sparsity=0", "quantize=fake", "quantize.bits=8"]),
+    ("fake 6b", ["prune=none", "sparsity=0", "quantize=fake", "quantize.bits=6"]),
     ("fake 4b", ["prune=none", "sparsity=0", "quantize=fake", "quantize.bits=4"]),
     ("int8", ["prune=none", "sparsity=0", "quantize=int8"]),
     ("global_l1 0.50 + int8", ["prune=global_l1", "sparsity=0.5", "quantize=int8"]),

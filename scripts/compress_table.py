@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     ap.add_argument("--experiment", default="compress_cifar")
     ap.add_argument("--latency", action="store_true", help="add the latency columns the cells measured")
+    ap.add_argument("--figure", default="", help="also write the Pareto figure of every cell here (PNG)")
+    ap.add_argument("--latency-json", default="",
+                    help="scripts/bench_compress.py's JSON: the figure's latency from its interleaved timings "
+                         "(matched by compression; a fine-tune does not change the architecture)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     table = rows(MlflowClient(args.tracking_uri), args.experiment)
@@ -89,7 +94,42 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(sorted(r["suspect"])) or "–"]
         lines.append("| " + " | ".join(cols) + " |")
     sys.stdout.write("\n".join(lines) + "\n")
+    if args.figure:
+        figure(MlflowClient(args.tracking_uri), args.experiment, args.figure, args.latency_json)
     return 0
+
+
+def figure(client: MlflowClient, experiment: str, path: str, latency_json: str) -> None:
+    """summary.pareto over every FINISHED cell of the experiment (newest per cell id)."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from robustsweep.summary import KEY_PARAMS, compression_label, pareto
+
+    bench = json.loads(Path(latency_json).read_text())["variants"] if latency_json else {}
+    exp = client.get_experiment_by_name(experiment)
+    seen: set[str] = set()
+    cells = []
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
+                                order_by=["attributes.start_time DESC"]):
+        cid = r.data.tags.get("robustsweep.cell_id")
+        if not cid or cid in seen:
+            continue
+        seen.add(cid)
+        c: dict[str, Any] = {k: r.data.params.get(k, "") for k in KEY_PARAMS}
+        c["sparsity"], c["epsilon"] = float(c["sparsity"] or 0), float(c["epsilon"])
+        c.update(r.data.metrics, suspect=r.data.tags.get("suspect", ""))
+        arch = compression_label({**c, "defend.name": "none"})  # latency depends on the architecture only
+        if arch in bench:
+            c["latency_ms_b64"] = bench[arch]["latency_ms_b64_interleaved"]
+        elif bench:
+            log.warning("%s: not in %s, its own (possibly busy) latency is plotted", arch, latency_json)
+        cells.append(c)
+    fig = pareto(cells)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s (%d cells)", path, len(cells))
 
 
 if __name__ == "__main__":
