@@ -87,7 +87,7 @@ class EfficiencyConfig:
     latency: bool = True  # time forward passes at batch 1 and 64 (off: latency_ms_* not logged)
     warmup: int = 3  # untimed passes first (allocator, cuDNN, thread pools)
     min_repeats: int = 10  # timed passes at least ...
-    min_seconds: float = 0.5  # ... and at least this long in all; the median is logged
+    min_seconds: float = 0.2  # ... and at least this long in all; the median is logged
 
 
 class Amp(Enum):

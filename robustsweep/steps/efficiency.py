@@ -87,7 +87,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, warmup: int = 3, min_repeats: int = 10,
-               min_seconds: float = 0.5, max_repeats: int = 1000) -> float:
+               min_seconds: float = 0.2, max_repeats: int = 1000) -> float:
     """Median milliseconds of ``model(x)``: ``warmup`` passes, then at least ``min_repeats`` timed
     passes and at least ``min_seconds`` of them (at most ``max_repeats``)."""
     cuda = x.device.type == "cuda"
@@ -125,7 +125,7 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device
         for b in LATENCY_BATCHES:
             out[f"latency_ms_b{b}"] = latency_ms(model, x[b], int(cfg.get("warmup", 3)),
                                                  int(cfg.get("min_repeats", 10)),
-                                                 float(cfg.get("min_seconds", 0.5)))
+                                                 float(cfg.get("min_seconds", 0.2)))
     model.train(was_training)
     log.info("efficiency: %d params (%d nonzero), %.3f MB (%.3f MB zipped), %.3g FLOPs/image%s",
              total, nonzero, out["size_mb"], out["size_mb_zipped"], out["flops"],
