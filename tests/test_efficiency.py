@@ -274,3 +274,15 @@ def test_a_collapsed_cell_is_drawn_but_never_on_the_pareto_front():
     ax = pareto(cells).axes[0]
     (front,) = ax.lines
     assert list(front.get_xdata()) == [10]  # only the dense cell
+
+
+def test_cells_that_differ_in_quantization_never_share_a_compressed_model(make_cfg):
+    """The quant evaluator reads the quantize group, but quantize builds the model: the per-process
+    reuse key must keep it (it once dropped it, and a float cell reused an int8 model)."""
+    from robustsweep.tracking.reuse import pruned_key
+
+    keys = {pruned_key(validate(make_cfg(*o)), "cpu") for o in
+            [(), ("quantize=fake", "quantize.bits=4"), ("quantize=fake", "quantize.bits=8"),
+             ("quantize=int8", "device=cpu")]}
+    assert len(keys) == 4
+    assert pruned_key(validate(make_cfg("epsilon=0.2")), "cpu") == pruned_key(validate(make_cfg()), "cpu")

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from robustsweep.core.device import amp_name, resolve_device
 from robustsweep.core.paths import resolve_path
-from robustsweep.steps import data
+from robustsweep.steps import compress, data
 from robustsweep.steps.evaluate import evaluators
 from robustsweep.tracking.identity import canonical
 
@@ -105,8 +105,10 @@ def pruned_key(cfg: DictConfig, device: Any) -> str | None:
         return None
     c = canonical(cfg)
     c.pop("epsilon", None)
+    built_by = {group for group, _ in compress.STAGES}  # an evaluator may read a compress group (quant)
     for ev in evaluators():  # what only evaluation reads
-        c.pop(ev.group, None)
+        if ev.group not in built_by:
+            c.pop(ev.group, None)
     c["data"] = data.identity(cfg.data)  # the decoded images (absolute root), not the eval subset
     if cfg.model.get("checkpoint"):
         path = resolve_path(cfg.model.checkpoint)
