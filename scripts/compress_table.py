@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     head = ["compression", "fine-tune", "params", "nonzero", "MB zipped", "MFLOPs", *lat, "clean",
             *[f"ASR {a}" for a in attacks], "twin agrees", "suspect"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, sparsity, quant, bits, epochs), r in sorted(table.items()):
+    def order(k: tuple[Any, ...]) -> tuple[Any, ...]:  # dense first; a method's float rows before its quantized
+        method, sparsity, quant, bits, epochs = k
+        return (method != "none", method, sparsity, epochs, quant != "none", quant, -int(bits or 0))
+
+    for (method, sparsity, quant, bits, epochs), r in sorted(table.items(), key=lambda kv: order(kv[0])):
         name = " + ".join(filter(None, [f"{method} {sparsity:.2f}" if method != "none" else "",
                                         f"{quant} {bits}b" if bits else (quant if quant != "none" else "")]))
         cols = [name or "dense", f"{epochs} ep" if epochs else "–", _f(r["params_total"], ".0f"),
