@@ -55,6 +55,15 @@ def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     return Stage(changed=method != "none" and cfg.sparsity > 0, finalize=finalize)
 
 
+def calibration_images(cfg: DictConfig, ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training images in [0, 1] and their labels, drawn with the run's seed: the same ones
+    for every stage that calibrates (channel importance, int8 observers)."""
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    idx = torch.randperm(len(ds.y_train), generator=g)[:n]
+    x, y = ds.x_train, ds.y_train
+    return to_float(x[idx.to(x.device)]), y[idx.to(y.device)]
+
+
 def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     """``prune=channel``: the least important channels removed (a smaller dense model); a
     fine-tune after it trains the smaller model."""
@@ -62,10 +71,8 @@ def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     device = next(model.parameters()).device
     calib = None
     if node.get("importance") == "taylor":
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        idx = torch.randperm(len(ds.y_train), generator=g)[:int(node.n_calib)]
-        x, y = ds.x_train, ds.y_train
-        calib = (to_float(x[idx.to(x.device)]).to(device), y[idx.to(y.device)].to(device))
+        x, y = calibration_images(cfg, ds, int(node.n_calib))
+        calib = (x.to(device), y.to(device))
     measured = remove_channels(model, float(cfg.sparsity), str(node.get("importance", "l1")),
                                to_float(ds.x_test[:2]).to(device), len(ds.classes),
                                list(node.get("exclude") or []), calib, seed=int(cfg.seed))
@@ -81,10 +88,8 @@ def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     fn = QUANTIZERS.resolve(node)
     n_calib = int(node.get("n_calib") or 0)
 
-    def calib() -> torch.Tensor:  # seeded training images in [0, 1]: decoded only if a method asks
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        idx = torch.randperm(len(ds.y_train), generator=g)[:n_calib]
-        return to_float(ds.x_train[idx.to(ds.x_train.device)])
+    def calib() -> torch.Tensor:  # decoded only if the method asks (the training split is lazy)
+        return calibration_images(cfg, ds, n_calib)[0]
 
     return Stage(changed=False, finalize=lambda: fn(model, node, calib))
 
