@@ -32,19 +32,25 @@ def _f(v: float, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def rows(client: MlflowClient, experiment: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+def newest_runs(client: MlflowClient, experiment: str) -> list[Any]:
+    """The experiment's FINISHED cell runs, the newest per cell id."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
-                              order_by=["attributes.start_time DESC"])
     seen: set[str] = set()
+    out = []
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
+                                order_by=["attributes.start_time DESC"]):
+        cid = r.data.tags.get("robustsweep.cell_id")
+        if cid and cid not in seen:
+            seen.add(cid)
+            out.append(r)
+    return out
+
+
+def rows(runs: list[Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
     out: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(lambda: {"asr": {}, "suspect": set()})
     for r in runs:
-        cid = r.data.tags.get("robustsweep.cell_id")
-        if not cid or cid in seen:
-            continue
-        seen.add(cid)
         p, m = r.data.params, r.data.metrics
         method = p.get("prune.method", "none")
         sparsity = float(p.get("sparsity", 0)) if method != "none" else 0.0
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(matched by compression; a fine-tune does not change the architecture)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table = rows(MlflowClient(args.tracking_uri), args.experiment)
+    runs = newest_runs(MlflowClient(args.tracking_uri), args.experiment)
+    table = rows(runs)
     attacks = sorted({a for r in table.values() for a in r["asr"]})
     lat = ["ms b1", "ms b64"] if args.latency else []
     head = ["compression", "fine-tune", "params", "nonzero", "MB zipped", "MFLOPs", *lat, "clean",
@@ -99,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| " + " | ".join(cols) + " |")
     sys.stdout.write("\n".join(lines) + "\n")
     if args.figure:
-        figure(MlflowClient(args.tracking_uri), args.experiment, args.figure, args.latency_json)
+        figure(runs, args.figure, args.latency_json)
     return 0
 
 
-def figure(client: MlflowClient, experiment: str, path: str, latency_json: str) -> None:
-    """summary.pareto over every FINISHED cell of the experiment (newest per cell id)."""
+def figure(runs: list[Any], path: str, latency_json: str) -> None:
+    """summary.pareto over ``runs`` (the experiment's newest run per cell id)."""
     import json
 
     import matplotlib.pyplot as plt
@@ -112,15 +119,8 @@ def figure(client: MlflowClient, experiment: str, path: str, latency_json: str) 
     from robustsweep.summary import KEY_PARAMS, compression_label, pareto
 
     bench = json.loads(Path(latency_json).read_text())["variants"] if latency_json else {}
-    exp = client.get_experiment_by_name(experiment)
-    seen: set[str] = set()
     cells = []
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
-                                order_by=["attributes.start_time DESC"]):
-        cid = r.data.tags.get("robustsweep.cell_id")
-        if not cid or cid in seen:
-            continue
-        seen.add(cid)
+    for r in runs:
         c: dict[str, Any] = {k: r.data.params.get(k, "") for k in KEY_PARAMS}
         c["sparsity"], c["epsilon"] = float(c["sparsity"] or 0), float(c["epsilon"])
         c.update(r.data.metrics, suspect=r.data.tags.get("suspect", ""))
