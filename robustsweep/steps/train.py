@@ -2,8 +2,12 @@
 
 The train-objective seam: ``OBJECTIVES`` maps ``objective.name`` to a loss. One registry serves the
 dense baseline (group ``objective``, default ``clean``) and fine-tuning after compression (group
-``defend``, robustsweep.steps.defend). Adversarial training, TRADES or distillation plug in here
-as one function each: ``loss(model, x, y, node, train_cfg) -> (loss, logits)``.
+``defend``, robustsweep.steps.defend). Each objective is one function
+``loss(model, x, y, node, train_cfg) -> (loss, logits)``; ``clean`` is here, the defences
+(``pgd_at``, ``fast_at``, ``trades``, ``noise``, ``distill``) in robustsweep.steps.objectives, which
+registers itself on the first lookup. An objective that needs something built once before training
+(distillation's teacher) carries ``loss.prepare(model, ds, train_cfg, node, seed=, epochs=, lr=)``,
+which returns the per-batch loss to use.
 
 The cache key is a SHA-256 of everything that determines the weights (model config, the data's
 identity, training config, objective, seed, code version of this recipe), so a sweep over
@@ -52,7 +56,7 @@ RECIPE_VERSION = 1  # bump when the training code changes what a given config pr
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, DictConfig, DictConfig],
                 tuple[torch.Tensor, torch.Tensor]]
-OBJECTIVES: Registry[Loss] = Registry("objective")
+OBJECTIVES: Registry[Loss] = Registry("objective", plugins=("robustsweep.steps.objectives",))
 register_objective = OBJECTIVES.register
 CLEAN = OmegaConf.create({"name": "clean"})
 
@@ -112,13 +116,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_model(model: nn.Module, ds: Dataset, cfg: DictConfig, seed: int, epochs: int | None = None,
                 lr: float | None = None, desc: str = "train",
-                objective: DictConfig | None = None) -> list[dict[str, float]]:
-    """SGD + Nesterov with a one-cycle schedule, minimising ``objective`` (default ``clean``);
-    returns per-epoch history. ``cfg`` is the ``train`` node (the recipe)."""
+                objective: DictConfig | None = None, loss_fn: Loss | None = None) -> list[dict[str, float]]:
+    """SGD + Nesterov with a one-cycle schedule, minimising ``objective`` (default ``clean``; or
+    ``loss_fn`` given directly); returns per-epoch history. ``cfg`` is the ``train`` node (the recipe)."""
     objective = objective if objective is not None else CLEAN
-    loss_fn = OBJECTIVES.resolve(objective)
+    loss_fn = loss_fn if loss_fn is not None else OBJECTIVES.resolve(objective)
     epochs = epochs if epochs is not None else cfg.epochs
     lr = lr if lr is not None else cfg.lr
+    prepare = getattr(loss_fn, "prepare", None)
+    if prepare is not None:  # e.g. distillation trains its teacher here (same seed, epochs, lr)
+        loss_fn = prepare(model, ds, cfg, objective, seed=seed, epochs=epochs, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     # bf16 autocast (train.amp=bf16): the GPU recipe's matmuls and convolutions in bfloat16; the
@@ -238,6 +245,8 @@ def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
             "n_params": count_parameters(model), "history": history,
             "config": {"model": OmegaConf.to_container(cfg.model, resolve=True),
                        "train": OmegaConf.to_container(cfg.train, resolve=True),
-                       "data": data_mod.identity(cfg.data), "seed": cfg.seed}}
+                       "data": data_mod.identity(cfg.data), "seed": cfg.seed,
+                       "objective": (OmegaConf.to_container(cfg.objective, resolve=True)
+                                     if cfg.get("objective") else {"name": "clean"})}}
     meta["sha256"] = save_checkpoint(model, path, meta)
     return model, {**meta, "source": "trained", "path": str(path), "trained": True}
