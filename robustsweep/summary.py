@@ -10,6 +10,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   drift.png                                 attribution-drift metrics vs sparsity with 95 % bootstrap bands
   security_curves.png                       robust accuracy vs eps per sparsity (min_norm=bisect cells)
   pareto.png                                robust accuracy and ASR vs latency and size, Pareto fronts
+  tradeoff.png                              clean vs robust accuracy per defence x sparsity (Tsipras et al.)
   cells.csv                                 every cell's params, metrics and `suspect` tag
 
 Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
@@ -39,8 +40,8 @@ from robustsweep.core.params import eps_label
 
 log = logging.getLogger(__name__)
 
-KEY_PARAMS = ("model.name", "data.name", "prune.method", "quantize.name", "quantize.bits", "defend.name",
-              "defend.epochs", "attack.name", "attack.norm", "sparsity", "epsilon", "seed")
+KEY_PARAMS = ("model.name", "data.name", "objective.name", "prune.method", "quantize.name", "quantize.bits",
+              "defend.name", "defend.epochs", "attack.name", "attack.norm", "sparsity", "epsilon", "seed")
 COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
 
 
@@ -386,6 +387,61 @@ def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
     return fig
 
 
+def defence_label(cell: dict[str, Any]) -> str:
+    """The dense baseline's training objective and the fine-tune after compression, if any:
+    ``clean``, ``fast_at``, ``clean + ft fast_at`` (runs from before objectives: ``clean``)."""
+    objective = cell.get("objective.name") or "clean"
+    ft = cell.get("defend.name") or "none"
+    return objective if ft == "none" else f"{objective} + ft {ft}"
+
+
+def tradeoff(cells: list[dict[str, Any]]) -> plt.Figure:
+    """The robustness-accuracy trade-off (Tsipras et al. 2019, arXiv:1805.12152) seen across
+    compression: clean accuracy (x) against robust accuracy (y), one line per defence and
+    compression method through its sparsities (labelled), 95 % Wilson intervals on both axes; one
+    panel per (attack, eps). On the diagonal the attack fools nothing; a collapsed model is an x."""
+    panels: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        panels[(attack_label(c), c["epsilon"])].append(c)
+    panels = dict(sorted(panels.items()))
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.6 * ncol, 4.6 * nrow), squeeze=False,
+                             constrained_layout=True)
+    series_names = sorted({(defence_label(c), c["prune.method"]) for c in cells})
+    color = {s: f"C{n % 10}" for n, s in enumerate(series_names)}
+    for ax, ((attack, eps), cs) in zip(axes.flat, panels.items(), strict=False):
+        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8, zorder=1)
+        for name in series_names:
+            pts = sorted((c for c in cs if (defence_label(c), c["prune.method"]) == name),
+                         key=lambda c: c["sparsity"])
+            if not pts:
+                continue
+            xs, ys = [c["clean_acc"] for c in pts], [c["robust_acc"] for c in pts]
+            ax.plot(xs, ys, color=color[name], lw=1, zorder=2, label=f"{name[0]} ({name[1]})")
+            for c, x, y in zip(pts, xs, ys, strict=True):
+                n = c.get("n_eval", math.nan)
+                if n == n and n > 0:
+                    lo, hi = wilson(x * n, n)
+                    rlo, rhi = wilson(y * n, n)
+                    ax.errorbar(x, y, xerr=[[x - lo], [hi - x]], yerr=[[y - rlo], [rhi - y]],
+                                color=color[name], lw=0.6, zorder=2)
+                ax.scatter(x, y, color=color[name], marker="x" if is_collapsed(c) else "o", s=28, zorder=3)
+                ax.annotate(f"{c['sparsity']:.2f}", (x, y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("clean accuracy")
+        ax.set_ylabel("robust accuracy")
+        ax.set_title(f"{attack} {_eps_label(eps, attack)}", fontsize=9)
+        ax.legend(fontsize=7, title="defence (prune method)", title_fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Robustness-accuracy trade-off per defence across sparsity (labels: sparsity; x: "
+                 "collapsed model; grey: robust = clean)", fontsize=10)
+    return fig
+
+
 def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the summary files for a sweep into ``out_dir``; return its cells."""
     cells = collect_cells(client, parent_run_id)
@@ -415,6 +471,9 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     if fig is not None:
         fig.savefig(out_dir / "pareto.png", dpi=110)
         plt.close(fig)
+    fig = tradeoff(cells)
+    fig.savefig(out_dir / "tradeoff.png", dpi=110)
+    plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)

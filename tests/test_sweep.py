@@ -54,7 +54,7 @@ def test_sweep_is_one_parent_with_children_and_a_summary(swept):
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/heatmap_asr.png", "summary/heatmap_robust_acc.png", "summary/curves.png",
             "summary/attention_drift.png", "summary/security_curves.png", "summary/pareto.png",
-            "summary/cells.csv"} <= files
+            "summary/tradeoff.png", "summary/cells.csv"} <= files
     text = Path(client.download_artifacts(parent.info.run_id, "summary/cells.csv")).read_text()
     assert len(list(csv.DictReader(io.StringIO(text)))) == 4
     # the same files stay on disk in the sweep's folder (the log names it)
