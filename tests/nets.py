@@ -12,6 +12,12 @@ def tiny_mlp(num_classes: int, image_size: int, hidden: int = 32) -> nn.Module:
                          nn.Linear(hidden, num_classes))
 
 
+def pooled_cnn(in_channels: int, num_classes: int) -> nn.Module:
+    """A CNN with max-pooling: a layer the certified bounds do not handle."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 16, num_classes))
+
+
 def not_a_network(num_classes: int) -> str:
     return f"{num_classes} classes"
 

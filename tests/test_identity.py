@@ -68,8 +68,11 @@ def test_reuse_key_of_the_compressed_model_is_derived_from_the_canonical_config(
         assert reuse.pruned_key(_cfg(*over), "cpu") == base, over
     # everything that builds it does, including a group the key code has never heard of
     for over in (["sparsity=0.25"], ["prune=global_l1"], ["defend=clean"], ["train.epochs=3"],
-                 ["seed=1"]):
+                 ["seed=1"], ["objective=fast_at"], ["defend=fast_at"], ["defend=fast_at", "defend.eps=0.1"]):
         assert reuse.pruned_key(_cfg(*over), "cpu") != base, over
+    assert reuse.pruned_key(_cfg("defend=fast_at", "defend.eps=0.1"), "cpu") != reuse.pruned_key(
+        _cfg("defend=fast_at"), "cpu")
+    assert cell_id(_cfg("objective=trades", "objective.beta=1")) != cell_id(_cfg("objective=trades"))
     assert reuse.pruned_key(_with_dummy(_cfg(), "on"), "cpu") != base
     assert reuse.pruned_key(_cfg(), "cuda") != base
 

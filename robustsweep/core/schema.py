@@ -128,6 +128,7 @@ class Config:
     drift: Any = None  # attribution drift against the dense model (conf/drift/; none = off)
     transfer: Any = None  # the dense model's adversarial examples on the compressed one (conf/transfer/)
     min_norm: Any = None  # per-image minimum-norm search: the security curve (conf/min_norm/)
+    certify: Any = None  # certified robust accuracy by bound propagation (conf/certify/)
     tracking: Any = None
     search: Optional[SearchConfig] = None  # noqa: UP045 ; set by search=cliff
     checks: ChecksConfig = field(default_factory=ChecksConfig)

@@ -16,6 +16,12 @@ fine-tune after compression (``defend=<name>``). ``x`` is a batch of augmented t
   the inner maximisation as in their code.
 - ``noise``: Gaussian augmentation x + sigma N(0, 1), unclipped (Cohen et al. 2019,
   arXiv:1902.02918): the base classifier of randomized smoothing.
+- ``ibp``: certified training by interval bound propagation (Gowal et al. 2018, arXiv:1810.12715):
+  kappa * CE(f(x), y) + (1 - kappa) * CE(worst-case logits, y), the worst case from IBP's lower
+  bounds on logit_y - logit_j over the eps-ball (robustsweep.steps.bounds); eps ramps linearly
+  from 0 after ``warmup`` of the training steps over ``ramp`` of them, kappa from 1 to ``kappa``
+  with it. The bound is of the network the clean batch trains: BatchNorm with that batch's
+  statistics (as in Gowal et al.'s and Zhang et al.'s code).
 - ``distill``: defensive distillation, Papernot et al. 2016, arXiv:1511.04508. A teacher (a copy
   of the model as it enters training, trained with the same recipe, seed and epochs) is trained on
   the labels with softmax at temperature T; the student (the model) is trained at T on the
@@ -48,6 +54,7 @@ from torch import nn
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, number_in, parse_epsilon, positive_int, positive_number
 from robustsweep.steps.attacks import PGD, attack_norm
+from robustsweep.steps.bounds import BoundError, batch_stats, check_supported, ibp_margins, network_for_checks
 from robustsweep.steps.data import Dataset
 from robustsweep.steps.train import Loss, register_objective, train_model
 
@@ -258,3 +265,61 @@ def distill_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictC
 
 distill_loss.prepare = _prepare_distill  # type: ignore[attr-defined]
 
+
+
+# ---- certified training by IBP ------------------------------------------------------------------
+
+def _check_ibp(node: DictConfig, cfg: DictConfig) -> None:
+    pre = prefix(node, cfg)
+    _check_eps(node, cfg, step_key=None)
+    number_in(cfg, f"{pre}.kappa", 0.0, 1.0, "a weight in [0, 1] on the clean loss at the end of the ramp "
+              "(Gowal et al.: 0.5)")
+    number_in(cfg, f"{pre}.warmup", 0.0, 1.0, "a fraction of the training steps in [0, 1)", high_open=True)
+    number_in(cfg, f"{pre}.ramp", 0.0, 1.0, "a fraction of the training steps in (0, 1]", low_open=True)
+    check(node.warmup + node.ramp <= 1.0, f"{pre}.ramp", node.ramp,
+          f"at most 1 - {pre}.warmup = {1 - node.warmup:g}: the full eps must be reached by the end of "
+          f"training")
+    net = network_for_checks(cfg)[0]
+    try:
+        check_supported(net)
+    except BoundError as e:
+        check(False, f"{pre}.name", "ibp", f"a model whose layers IBP handles: {e}")
+
+
+def _prepare_ibp(model: nn.Module, ds: Dataset, train: DictConfig, node: DictConfig, *, seed: int,
+                 epochs: int, lr: float) -> Loss:
+    """The IBP loss with its schedule over this training's steps."""
+    total = epochs * math.ceil(len(ds.x_train) / train.batch_size)
+    eps_max, warm, ramp = _eps(node), int(node.warmup * total), max(1, int(node.ramp * total))
+    n_classes = len(ds.classes)
+    step = [0]
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
+             train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        frac = min(1.0, max(0.0, (step[0] - warm) / ramp))
+        step[0] += 1
+        with batch_stats(model) as stats:
+            out = model(x)
+        clean = F.cross_entropy(out, y, label_smoothing=train.label_smoothing)
+        if frac == 0.0:
+            return clean, out
+        kappa = 1.0 - (1.0 - node.kappa) * frac
+        # lower bounds (B, K-1) of the network this batch trains: BatchNorm with its batch statistics
+        margins = ibp_margins(model, x, y, eps_max * frac, n_classes, bn_stats=stats)
+        # worst-case logits relative to the true class: 0 for y, -margin_j for j != y (class 0 here)
+        worst = torch.cat([torch.zeros_like(margins[:, :1]), -margins], dim=1)
+        robust = F.cross_entropy(worst, torch.zeros_like(y))
+        return kappa * clean + (1.0 - kappa) * robust, out
+
+    return loss
+
+
+@register_objective("ibp", check=_check_ibp)
+def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
+             train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified training by IBP; its schedule needs the step count, so training calls ``prepare``."""
+    raise RuntimeError("objective ibp needs its schedule: train with robustsweep.steps.train.train_model, "
+                       "which calls ibp_loss.prepare first")
+
+
+ibp_loss.prepare = _prepare_ibp  # type: ignore[attr-defined]

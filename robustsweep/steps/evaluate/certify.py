@@ -1,0 +1,137 @@
+"""The ``certify`` evaluator: certified robust accuracy, a lower bound beside the attack's upper bound.
+
+An attack that fails proves nothing; a certificate does. For each evaluation image the bound
+(robustsweep.steps.bounds: ``certify=ibp`` or ``certify=crown``) gives a lower bound on
+logit_y - logit_j for every j != y over the whole L-inf ball of the cell's epsilon (intersected
+with [0, 1], through the normalising wrapper); the image is certified when every bound is > 0.
+
+  certified_acc      share of the evaluation images certified (<= robust_acc, always)
+  n_certified        their number
+  certified_gap      robust_acc - certified_acc: how much of the attack's number is unproven
+  certify_s          seconds spent bounding
+
+**Invariant, checked on every cell**: a certified image must be classified correctly, clean and
+under the cell's attack (same images, same eps). A violation is a bug in the bound or in the
+attack: the run fails with ``CertificateViolationError`` naming the images, never a logged number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from robustsweep.core.errors import ConfigError
+from robustsweep.core.guards import frozen
+from robustsweep.core.params import check, number_in, positive_int
+from robustsweep.steps.attacks import as_pixels, attack_norm
+from robustsweep.steps.bounds import (
+    BoundError,
+    crown_margins,
+    crown_memory_bytes,
+    flatten,
+    has_residual,
+    ibp_margins,
+    network_for_checks,
+)
+from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+
+log = logging.getLogger(__name__)
+METHODS = ("ibp", "crown")
+
+
+class CertificateViolationError(RuntimeError):
+    """An image certified robust was misclassified (clean or attacked): the bound or the attack is wrong."""
+
+
+def check_certify(cfg: DictConfig) -> None:
+    node = cfg.certify
+    name = node.get("name", "none")
+    if name == "none":
+        return
+    check(name in METHODS, "certify.name", name, "none, " + ", ".join(METHODS))
+    check(attack_norm(cfg.attack) == "linf", "certify", name,
+          f"an L-inf attack: {name} bounds the L-inf ball of the cell's epsilon, and the cell's "
+          f"attack.norm={attack_norm(cfg.attack)!r} (certified vs empirical would compare different balls)")
+    q = cfg.get("quantize")
+    check(q is None or q.get("name", "none") != "int8", "certify", name,
+          "a float model: quantize=int8 runs int8 kernels the bounds do not model (quantize=fake is fine)")
+    if name == "ibp":
+        positive_int(cfg, "certify.batch_size")
+    else:
+        check(node.get("intermediate") in ("crown", "ibp"), "certify.intermediate", node.get("intermediate"),
+              "crown (plain stacks) or ibp (CROWN-IBP, residual networks too)")
+        positive_int(cfg, "certify.chunk")
+        number_in(cfg, "certify.max_memory_mb", 0.0, math.inf, "a number of MB > 0", low_open=True)
+    net, shape, classes = network_for_checks(cfg)
+    try:
+        nodes = flatten(net)
+    except BoundError as e:
+        raise ConfigError(f"certify={name}: model={cfg.model.get('name') or cfg.model.get('_target_')} has a "
+                          f"layer the bounds cannot handle: {e}") from None
+    if name == "crown" and node.intermediate == "crown":
+        check(not has_residual(nodes), "certify.intermediate", "crown",
+              "ibp for a network with residual blocks (CROWN-IBP: intermediate bounds by IBP, the last "
+              "layer by CROWN); full CROWN here bounds plain stacks")
+        need = crown_memory_bytes(net, shape, 1, int(node.chunk), classes) / 2**20
+        check(need <= node.max_memory_mb, "certify.max_memory_mb", node.max_memory_mb,
+              f">= {need:.0f} MB: full CROWN needs that for one image at certify.chunk={node.chunk}; "
+              f"lower certify.chunk, or use certify.intermediate=ibp or certify=ibp")
+
+
+def _batch(ctx: EvalContext, net: torch.nn.Module) -> int:
+    node = ctx.cfg.certify
+    if node.name == "ibp":
+        return int(node.batch_size)
+    if node.intermediate == "ibp":
+        return 64
+    per_image = crown_memory_bytes(net, tuple(ctx.ds.x_eval.shape[1:]), 1, int(node.chunk),
+                                   len(ctx.ds.classes))
+    return max(1, min(256, int(node.max_memory_mb * 2**20 // per_image)))
+
+
+def run(ctx: EvalContext) -> Outcome:
+    node, ds, eps = ctx.cfg.certify, ctx.ds, ctx.eps
+    res = ctx.results["robust"].res
+    n_classes = len(ds.classes)
+    t0 = time.perf_counter()
+    certified = torch.zeros(len(ds.y_eval), dtype=torch.bool)
+    with frozen(ctx.model):
+        batch = _batch(ctx, ctx.model)
+        for i in range(0, len(ds.y_eval), batch):
+            x = as_pixels(ds.x_eval[i:i + batch])
+            y = ds.y_eval[i:i + batch]
+            if node.name == "ibp":
+                with torch.no_grad():
+                    m = ibp_margins(ctx.model, x, y, eps, n_classes)
+            else:
+                m = crown_margins(ctx.model, x, y, eps, n_classes,
+                                  method="crown" if node.intermediate == "crown" else "crown-ibp",
+                                  chunk=int(node.chunk))
+            certified[i:i + batch] = (m > 0).all(1).cpu()
+    seconds = time.perf_counter() - t0
+    y = ds.y_eval.cpu()
+    robust_ok = (res.clean_pred.cpu() == y) & (res.adv_pred.cpu() == y)
+    bad = (certified & ~robust_ok).nonzero().flatten()
+    if len(bad):
+        idx = ds.eval_idx.cpu()[bad].tolist()
+        raise CertificateViolationError(
+            f"certify={node.name}: {len(bad)} image(s) certified robust at eps={eps:.6g} are misclassified "
+            f"clean or under attack={ctx.cfg.attack.get('name')} (test-split indices {idx[:10]}): the bound or "
+            f"the attack is wrong; no metrics logged")
+    n_cert = int(certified.sum())
+    metrics = {"certified_acc": n_cert / len(y), "n_certified": float(n_cert),
+               "certified_gap": res.robust_acc - n_cert / len(y), "certify_s": seconds}
+    log.info("certify=%s: certified_acc %.4f (robust_acc %.4f by %s), %.1f s for %d images", node.name,
+             metrics["certified_acc"], res.robust_acc, ctx.cfg.attack.get("name"), seconds, len(y))
+    return Outcome(metrics)
+
+
+register_evaluator(Evaluator(
+    name="certify", group="certify", run=run, check=check_certify, reads=("robust",),
+    metrics=("certified_acc", "n_certified", "certified_gap", "certify_s"),
+    enabled=lambda cfg: cfg.certify.get("name", "none") != "none",
+))
