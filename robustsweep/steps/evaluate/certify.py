@@ -1,5 +1,14 @@
 """The ``certify`` evaluator: certified robust accuracy, a lower bound beside the attack's upper bound.
 
+``certify=ibp`` / ``certify=crown`` bound the L-inf ball of the cell's epsilon (below);
+``certify=smoothing`` certifies the randomized-smoothing classifier of the model in L2
+(robustsweep.steps.smoothing): ``certified_acc`` at ``certify.radius`` (images predicted correctly
+by the smoothed classifier with a certified radius >= it), ``certified_acc_at_<r>`` for each of
+``certify.radii``, ``certified_radius_mean`` (average certified radius, 0 for wrong or abstained
+images), ``abstain_rate`` and ``smoothed_acc`` (correct, radius >= 0). Its certificate holds with
+probability 1 - ``certify.alpha`` per image and is about the smoothed classifier, not the model the
+cell's attack ran on, so it is reported beside that attack, not checked against it.
+
 An attack that fails proves nothing; a certificate does. For each evaluation image the bound
 (robustsweep.steps.bounds: ``certify=ibp`` or ``certify=crown``) gives a lower bound on
 logit_y - logit_j for every j != y over the whole L-inf ball of the cell's epsilon (intersected
@@ -27,6 +36,7 @@ from omegaconf import DictConfig
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.guards import frozen
 from robustsweep.core.params import check, number_in, positive_int
+from robustsweep.core.progress import progress
 from robustsweep.steps.attacks import as_pixels, attack_norm
 from robustsweep.steps.bounds import (
     BoundError,
@@ -40,7 +50,7 @@ from robustsweep.steps.bounds import (
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
 
 log = logging.getLogger(__name__)
-METHODS = ("ibp", "crown")
+METHODS = ("ibp", "crown", "smoothing")
 
 
 class CertificateViolationError(RuntimeError):
@@ -53,6 +63,9 @@ def check_certify(cfg: DictConfig) -> None:
     if name == "none":
         return
     check(name in METHODS, "certify.name", name, "none, " + ", ".join(METHODS))
+    if name == "smoothing":
+        _check_smoothing(cfg)
+        return
     check(attack_norm(cfg.attack) == "linf", "certify", name,
           f"an L-inf attack: {name} bounds the L-inf ball of the cell's epsilon, and the cell's "
           f"attack.norm={attack_norm(cfg.attack)!r} (certified vs empirical would compare different balls)")
@@ -82,6 +95,54 @@ def check_certify(cfg: DictConfig) -> None:
               f"lower certify.chunk, or use certify.intermediate=ibp or certify=ibp")
 
 
+def _check_smoothing(cfg: DictConfig) -> None:
+    node = cfg.certify
+    number_in(cfg, "certify.sigma", 0.0, math.inf, "a noise level > 0 in pixel units (L2), e.g. 0.25",
+              low_open=True, high_open=True)
+    positive_int(cfg, "certify.n0")
+    positive_int(cfg, "certify.n")
+    check(node.n0 < node.n, "certify.n0", node.n0,
+          f"fewer samples than certify.n={node.n} (n0 only guesses the class; n estimates its probability)")
+    number_in(cfg, "certify.alpha", 0.0, 1.0, "a failure probability in (0, 1), e.g. 0.001", low_open=True,
+              high_open=True)
+    number_in(cfg, "certify.radius", 0.0, math.inf, "an L2 radius >= 0 in pixel units, e.g. 0.25")
+    radii = node.get("radii") or []
+    ok = all(isinstance(r, int | float) and not isinstance(r, bool) and r >= 0 for r in radii)
+    check(ok, "certify.radii", list(radii), "a list of L2 radii >= 0")
+    positive_int(cfg, "certify.batch_size")
+
+
+def _run_smoothing(ctx: EvalContext) -> Outcome:
+    from robustsweep.steps.smoothing import certify
+
+    node, ds = ctx.cfg.certify, ctx.ds
+    gen = torch.Generator(device=ds.x_eval.device).manual_seed(int(ctx.cfg.seed))
+    t0 = time.perf_counter()
+    preds, radii = [], []
+    with frozen(ctx.model):
+        x_all = as_pixels(ds.x_eval)
+        for i in progress(range(len(x_all)), desc=f"smoothing sigma={node.sigma} n={node.n}", unit="img"):
+            c = certify(ctx.model, x_all[i], float(node.sigma), int(node.n0), int(node.n), float(node.alpha),
+                        len(ds.classes), int(node.batch_size), gen)
+            preds.append(c.pred)
+            radii.append(c.radius)
+    seconds = time.perf_counter() - t0
+    pred = torch.tensor(preds)
+    radius = torch.tensor(radii)
+    correct = pred == ds.y_eval.cpu()
+    n = len(pred)
+    metrics = {"certified_acc": float((correct & (radius >= node.radius)).sum()) / n,
+               "certified_radius_mean": float(torch.where(correct, radius, torch.zeros_like(radius)).mean()),
+               "abstain_rate": float((pred == -1).sum()) / n, "smoothed_acc": float(correct.sum()) / n,
+               "certify_s": seconds}
+    for r in node.get("radii") or []:
+        metrics[f"certified_acc_at_{float(r):.2f}"] = float((correct & (radius >= r)).sum()) / n
+    log.info("certify=smoothing sigma %g: certified_acc %.4f at r=%g, ACR %.4f, abstain %.4f, smoothed acc "
+             "%.4f, %.1f s for %d images", node.sigma, metrics["certified_acc"], node.radius,
+             metrics["certified_radius_mean"], metrics["abstain_rate"], metrics["smoothed_acc"], seconds, n)
+    return Outcome(metrics)
+
+
 def _batch(ctx: EvalContext, net: torch.nn.Module) -> int:
     node = ctx.cfg.certify
     if node.name == "ibp":
@@ -95,6 +156,8 @@ def _batch(ctx: EvalContext, net: torch.nn.Module) -> int:
 
 def run(ctx: EvalContext) -> Outcome:
     node, ds, eps = ctx.cfg.certify, ctx.ds, ctx.eps
+    if node.name == "smoothing":
+        return _run_smoothing(ctx)
     res = ctx.results["robust"].res
     n_classes = len(ds.classes)
     t0 = time.perf_counter()
@@ -132,6 +195,8 @@ def run(ctx: EvalContext) -> Outcome:
 
 register_evaluator(Evaluator(
     name="certify", group="certify", run=run, check=check_certify, reads=("robust",),
-    metrics=("certified_acc", "n_certified", "certified_gap", "certify_s"),
+    metrics=("certified_acc", "n_certified", "certified_gap", "certified_radius_mean", "abstain_rate",
+             "smoothed_acc", "certify_s"),
+    metric_prefixes=("certified_acc_at_",),
     enabled=lambda cfg: cfg.certify.get("name", "none") != "none",
 ))
