@@ -11,6 +11,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   security_curves.png                       robust accuracy vs eps per sparsity (min_norm=bisect cells)
   pareto.png                                robust accuracy and ASR vs latency and size, Pareto fronts
   tradeoff.png                              clean vs robust accuracy per defence x sparsity (Tsipras et al.)
+  certified.png                             certified vs empirical robust accuracy per sparsity (certify cells)
   cells.csv                                 every cell's params, metrics and `suspect` tag
 
 Cells of a degenerate model (``suspect=collapsed``) are hatched in the heatmaps, crossed out in the
@@ -41,7 +42,8 @@ from robustsweep.core.params import eps_label
 log = logging.getLogger(__name__)
 
 KEY_PARAMS = ("model.name", "data.name", "objective.name", "prune.method", "quantize.name", "quantize.bits",
-              "defend.name", "defend.epochs", "attack.name", "attack.norm", "sparsity", "epsilon", "seed")
+              "defend.name", "defend.epochs", "certify.name", "attack.name", "attack.norm", "sparsity",
+              "epsilon", "seed")
 COLLAPSED = "collapsed"  # the suspect reason of a degenerate model (robustsweep.steps.evaluate.robust)
 
 
@@ -88,6 +90,7 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
         cell["attack"] = attack_label(cell)
         cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p
+        cell["all_metrics"] = dict(m)  # with the families named at run time (certified_acc_at_<r>)
         cells.append(cell)
     return sorted(cells, key=lambda c: (attack_label(c), c["prune.method"], c["epsilon"], c["sparsity"]))
 
@@ -442,6 +445,59 @@ def tradeoff(cells: list[dict[str, Any]]) -> plt.Figure:
     return fig
 
 
+def certified(cells: list[dict[str, Any]]) -> plt.Figure | None:
+    """How much of the attack's robust accuracy is proven: per bound method and attack, certified
+    (lower bound, dashed) and empirical (upper bound, solid) robust accuracy against sparsity, one
+    band between them per eps; for randomized smoothing, certified accuracy against the L2 radius,
+    one line per sparsity. None without certify cells."""
+    cells = [c for c in cells if (c.get("certify.name") or "none") != "none"
+             and not math.isnan(c.get("certified_acc", math.nan))]
+    if not cells:
+        return None
+    panels: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        panels[(c["certify.name"], attack_label(c), defence_label(c))].append(c)
+    panels = dict(sorted(panels.items()))
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.6 * ncol, 4.4 * nrow), squeeze=False,
+                             constrained_layout=True)
+    for ax, ((method, attack, defence), cs) in zip(axes.flat, panels.items(), strict=False):
+        if method == "smoothing":
+            for n, c in enumerate(sorted(cs, key=lambda c: c["sparsity"])):
+                at = sorted((float(k.rsplit("_", 1)[1]), v) for k, v in c["all_metrics"].items()
+                            if k.startswith("certified_acc_at_"))
+                ax.plot([r for r, _ in at], [v for _, v in at], marker="o", color=f"C{n % 10}",
+                        label=f"sparsity {c['sparsity']:.2f}" + (" (collapsed)" if is_collapsed(c) else ""))
+            ax.set_xlabel("L2 radius (pixel units)")
+            ax.set_ylabel("certified accuracy (smoothed classifier)")
+            ax.set_title(f"randomized smoothing, {defence}", fontsize=9)
+        else:
+            by_eps: dict[float, list[dict[str, Any]]] = defaultdict(list)
+            for c in cs:
+                by_eps[c["epsilon"]].append(c)
+            for n, (eps, es) in enumerate(sorted(by_eps.items())):
+                es = sorted(es, key=lambda c: c["sparsity"])
+                xs = [c["sparsity"] for c in es]
+                emp, cert = [c["robust_acc"] for c in es], [c["certified_acc"] for c in es]
+                color = f"C{n % 10}"
+                ax.plot(xs, emp, color=color, marker="o",
+                        label=f"{attack} {_eps_label(eps, attack)} (upper bound)")
+                ax.plot(xs, cert, color=color, marker="s", ls="--",
+                        label=f"{method} {_eps_label(eps, attack)} (certified, lower bound)")
+                ax.fill_between(xs, cert, emp, color=color, alpha=0.15)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel("robust accuracy")
+            ax.set_title(f"{method} vs {attack}, {defence}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Certified (proven) and empirical (attacked) robust accuracy: the band is what no one "
+                 "has proven", fontsize=10)
+    return fig
+
+
 def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the summary files for a sweep into ``out_dir``; return its cells."""
     cells = collect_cells(client, parent_run_id)
@@ -474,6 +530,10 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     fig = tradeoff(cells)
     fig.savefig(out_dir / "tradeoff.png", dpi=110)
     plt.close(fig)
+    fig = certified(cells)
+    if fig is not None:
+        fig.savefig(out_dir / "certified.png", dpi=110)
+        plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
