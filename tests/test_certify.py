@@ -148,3 +148,25 @@ def test_bad_smoothing_input_is_refused(make_cfg, overrides, message):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg(*overrides))
     assert message in str(e.value)
+
+
+def test_summary_draws_the_band_between_certified_and_empirical_and_smoothing_against_radius(tmp_path):
+    from robustsweep.summary import certified, tradeoff
+
+    def cell(method: str, sparsity: float, eps: float, robust: float, cert: float, **extra) -> dict:
+        return {"certify.name": method, "attack.name": "pgd", "attack.norm": "linf", "attack": "pgd",
+                "prune.method": "global_l1", "objective.name": "ibp", "defend.name": "none",
+                "sparsity": sparsity, "epsilon": eps, "clean_acc": 0.9, "robust_acc": robust,
+                "certified_acc": cert, "n_eval": 100, "suspect": "", "all_metrics": extra}
+
+    cells = [cell("ibp", s, e, 0.8 - s / 2, 0.6 - s / 2) for s in (0, 0.5) for e in (0.05, 0.1)]
+    at = {"certified_acc_at_0.00": 0.9, "certified_acc_at_0.50": 0.4}
+    cells += [cell("smoothing", s, 0.1, 0.7, 0.5, **at) for s in (0, 0.5)]
+    fig = certified(cells)
+    assert len([ax for ax in fig.axes if ax.has_data()]) == 2  # ibp vs pgd; smoothing
+    band = fig.axes[0]
+    assert len(band.lines) == 4 and len(band.collections) == 2  # 2 eps x (upper, lower), one band each
+    assert certified([{**c, "certify.name": "none"} for c in cells]) is None
+    fig.savefig(tmp_path / "certified.png")
+    tradeoff(cells).savefig(tmp_path / "tradeoff.png")
+    assert (tmp_path / "certified.png").stat().st_size > 10_000
