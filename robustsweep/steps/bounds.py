@@ -53,6 +53,9 @@ class Affine:
     fn: Callable[[torch.Tensor], torch.Tensor]
     name: str
     weight_abs: Callable[[torch.Tensor], torch.Tensor] | None = None  # |W| r, for IBP's radius
+    # A W for a batch of specifications a (N, *out) -> (N, *in), where written out (conv, linear);
+    # else autograd's vector-Jacobian product of ``fn``
+    transpose: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor] | None = None
 
 
 @dataclass
@@ -82,6 +85,16 @@ def _abs_linear(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return None  # pooling, flatten, identity: nonnegative weights
 
 
+def _transpose(m: nn.Module) -> Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor] | None:
+    """a -> a W for the linear part of a Conv2d / Linear (CROWN's backward step without a forward)."""
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+        return lambda a, in_shape: torch.nn.grad.conv2d_input((len(a), *in_shape), m.weight, a, m.stride,
+                                                              m.padding, m.dilation, m.groups)
+    if isinstance(m, nn.Linear):
+        return lambda a, in_shape: a @ m.weight
+    return None
+
+
 def _bn_scale(m: nn.Module) -> torch.Tensor:
     var = m.running_var
     scale = torch.rsqrt(var + m.eps)
@@ -108,7 +121,8 @@ def flatten(model: nn.Module, prefix: str = "", bn_stats: dict | None = None) ->
         mean, std = model.mean, model.std
         if (std <= 0).any():
             raise BoundError(f"{name}: the normalisation has a std <= 0")
-        return [Affine(lambda x: (x - mean) / std, f"{name}.normalize", lambda r: r / std),
+        return [Affine(lambda x: (x - mean) / std, f"{name}.normalize", lambda r: r / std,
+                       lambda a, in_shape: a / std),
                 *flatten(model.net, f"{prefix}.net" if prefix else "net", bn_stats)]
     if isinstance(model, nn.Sequential):
         return [n for i, m in enumerate(model)
@@ -121,9 +135,11 @@ def flatten(model: nn.Module, prefix: str = "", bn_stats: dict | None = None) ->
         if model.training or model.running_var is None:
             raise BoundError(f"{name} ({type(model).__name__}) is in training mode or has no running "
                              f"statistics: only an evaluation-mode BatchNorm is an affine map")
-        return [Affine(model, name, _abs_linear(model))]
+        scale = _bn_scale(model)
+        shape = (1, -1) + (1,) * (2 if isinstance(model, nn.BatchNorm2d) else 0)
+        return [Affine(model, name, _abs_linear(model), lambda a, in_shape: a * scale.view(shape))]
     if isinstance(model, AFFINE):
-        return [Affine(model, name, _abs_linear(model))]
+        return [Affine(model, name, _abs_linear(model), _transpose(model))]
     from torchvision.models.resnet import BasicBlock
 
     if isinstance(model, _Block | BasicBlock):  # relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))
@@ -277,7 +293,11 @@ def _back(nodes: list, p: _Pass, shapes: dict, relu_bounds: dict) -> _Pass:
             in_shape = shapes[id(n)]
             bias = n.fn(torch.zeros((1, *in_shape), device=p.a.device, dtype=p.a.dtype))  # W 0 + b = b
             p.const = p.const + (p.a * bias.unsqueeze(1)).flatten(2).sum(-1)
-            p.a = _vjp(lambda z, f=n.fn, b0=bias: f(z) - b0, p.a, in_shape)
+            if n.transpose is not None:
+                b, k = p.a.shape[:2]
+                p.a = n.transpose(p.a.reshape(b * k, *p.a.shape[2:]), in_shape).view(b, k, *in_shape)
+            else:
+                p.a = _vjp(lambda z, f=n.fn, b0=bias: f(z) - b0, p.a, in_shape)
         elif isinstance(n, Relu):
             p = _back_relu(p, *relu_bounds[id(n)])
         else:
