@@ -28,23 +28,20 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from mlflow.tracking import MlflowClient
 
 from robustsweep.core.params import eps_label
+from robustsweep.tracking.sweep import newest_cell_runs
 
 log = logging.getLogger("attack_table")
 ORDER = ("fgsm", "pgd", "apgd", "square", "cw", "autoattack", "ensemble")
 
 
 def cells(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    runs = newest_cell_runs(client, experiment)
+    if runs is None:
         raise SystemExit(f"no experiment {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
-                              order_by=["attributes.start_time DESC"])
-    seen, out = set(), []
+    out = []
     for r in runs:
-        cid = r.data.tags.get("robustsweep.cell_id")
-        if not cid or cid in seen or "attack.name" not in r.data.params:
+        if "attack.name" not in r.data.params:
             continue
-        seen.add(cid)
         p = r.data.params
         out.append({"run_id": r.info.run_id, "attack": p["attack.name"], "norm": p.get("attack.norm") or "linf",
                     "eps": float(p["epsilon"]), "sparsity": float(p["sparsity"]), "m": r.data.metrics,

@@ -24,6 +24,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from robustsweep.core.params import eps_label
+from robustsweep.tracking.sweep import newest_cell_runs
 
 log = logging.getLogger("compress_table")
 
@@ -34,18 +35,10 @@ def _f(v: float, fmt: str) -> str:
 
 def newest_runs(client: MlflowClient, experiment: str) -> list[Any]:
     """The experiment's FINISHED cell runs, the newest per cell id."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    runs = newest_cell_runs(client, experiment)
+    if runs is None:
         raise SystemExit(f"no experiment {experiment!r}")
-    seen: set[str] = set()
-    out = []
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
-                                order_by=["attributes.start_time DESC"]):
-        cid = r.data.tags.get("robustsweep.cell_id")
-        if cid and cid not in seen:
-            seen.add(cid)
-            out.append(r)
-    return out
+    return runs
 
 
 def rows(runs: list[Any]) -> dict[tuple[Any, ...], dict[str, Any]]:

@@ -67,6 +67,23 @@ def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
     return len(stale)
 
 
+def newest_cell_runs(client: Any, experiment: str) -> list[Any] | None:
+    """Every FINISHED cell run of an experiment (any sweep, study or single job), the newest per
+    cell id; None when there is no such experiment. What the README's tables are built from."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    seen: set[str] = set()
+    out = []
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=10000,
+                                order_by=["attributes.start_time DESC"]):
+        cid = r.data.tags.get(CELL_TAG)
+        if cid and cid not in seen:
+            seen.add(cid)
+            out.append(r)
+    return out
+
+
 def finished_children(client: Any, parent_run_id: str, experiment_id: str | None = None) -> list[Any]:
     """The FINISHED child runs of a parent run (a sweep's cells, a study's trials)."""
     exp = experiment_id or client.get_run(parent_run_id).info.experiment_id
