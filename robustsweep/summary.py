@@ -427,8 +427,10 @@ def tradeoff(cells: list[dict[str, Any]]) -> plt.Figure:
                 if n == n and n > 0:
                     lo, hi = wilson(x * n, n)
                     rlo, rhi = wilson(y * n, n)
-                    ax.errorbar(x, y, xerr=[[x - lo], [hi - x]], yerr=[[y - rlo], [rhi - y]],
-                                color=color[name], lw=0.6, zorder=2)
+                    # max(0, .): at 0 or 1 the interval's end equals the point up to rounding
+                    ax.errorbar(x, y, xerr=[[max(0.0, x - lo)], [max(0.0, hi - x)]],
+                                yerr=[[max(0.0, y - rlo)], [max(0.0, rhi - y)]], color=color[name], lw=0.6,
+                                zorder=2)
                 ax.scatter(x, y, color=color[name], marker="x" if is_collapsed(c) else "o", s=28, zorder=3)
                 ax.annotate(f"{c['sparsity']:.2f}", (x, y), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")

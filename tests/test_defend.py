@@ -163,3 +163,16 @@ def test_evaluating_far_inside_the_training_ball_is_allowed_with_a_warning(make_
     caplog.clear()
     validate(make_cfg("objective=fast_at", "objective.eps=8/255", "epsilon=4/255"))
     assert "evaluation epsilon" not in caplog.text
+
+
+def test_tradeoff_figure_takes_cells_at_zero_robust_accuracy():
+    """A cell PGD breaks completely (robust_acc 0) has a Wilson interval whose lower end rounds just
+    above 0: the figure must still draw (it raised 'yerr must not contain negative values')."""
+    from robustsweep.summary import tradeoff
+
+    cells = [{"attack.name": "pgd", "attack": "pgd", "attack.norm": "linf", "prune.method": "global_l1",
+              "objective.name": name, "defend.name": "none", "sparsity": s, "epsilon": 8 / 255,
+              "clean_acc": 0.85, "robust_acc": robust, "n_eval": 1000, "suspect": ""}
+             for name, robust in (("clean", 0.0), ("fast_at", 1.0)) for s in (0.0, 0.5)]
+    fig = tradeoff(cells)
+    assert len(fig.axes[0].lines) >= 3  # diagonal + one line per defence
