@@ -31,6 +31,9 @@ def fault(model: Any, eps: float, fault_eps: float = -1.0, **_: object):
             if fault == "exit":
                 sys.exit(3)
             if fault == "interrupt":
+                # Ctrl-C in a terminal reaches Python's own handler; a job launched in the background
+                # (nohup ... &) starts with SIGINT ignored and would never see it: install the handler
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.kill(os.getpid(), signal.SIGINT)
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)

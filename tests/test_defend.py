@@ -121,8 +121,8 @@ def test_defend_fine_tune_keeps_the_pruning_and_changes_the_model(make_cfg):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["objective.name=nope"], "objective.name='nope' is not valid; allowed: clean, distill, fast_at, noise, "
-                              "pgd_at, trades"),
+    (["objective.name=nope"], "objective.name='nope' is not valid; allowed: clean, distill, fast_at, ibp, "
+                              "noise, pgd_at, trades"),
     (["defend.name=nope"], "defend.name='nope' is not valid; allowed: none, clean, distill"),
     (["objective=trades", "objective.beta=0"], "objective.beta=0 is not valid; allowed: a number > 0"),
     (["defend=trades", "defend.beta=-1"], "defend.beta=-1 is not valid; allowed: a number > 0"),
