@@ -513,29 +513,16 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
     fig = curves(cells)
     fig.savefig(out_dir / "curves.png", dpi=110)
     plt.close(fig)
-    fig = attention_drift(client, cells)
-    if fig is not None:
-        fig.savefig(out_dir / "attention_drift.png", dpi=110)
-        plt.close(fig)
-    fig = drift_figure(cells)
-    if fig is not None:
-        fig.savefig(out_dir / "drift.png", dpi=110)
-        plt.close(fig)
-    fig = security_curves(client, cells)
-    if fig is not None:
-        fig.savefig(out_dir / "security_curves.png", dpi=110)
-        plt.close(fig)
-    fig = pareto(cells)
-    if fig is not None:
-        fig.savefig(out_dir / "pareto.png", dpi=110)
-        plt.close(fig)
-    fig = tradeoff(cells)
-    fig.savefig(out_dir / "tradeoff.png", dpi=110)
-    plt.close(fig)
-    fig = certified(cells)
-    if fig is not None:
-        fig.savefig(out_dir / "certified.png", dpi=110)
-        plt.close(fig)
+    # each figure that has something to show (a builder returns None otherwise)
+    for name, build in (("attention_drift", lambda: attention_drift(client, cells)),
+                        ("drift", lambda: drift_figure(cells)),
+                        ("security_curves", lambda: security_curves(client, cells)),
+                        ("pareto", lambda: pareto(cells)), ("tradeoff", lambda: tradeoff(cells)),
+                        ("certified", lambda: certified(cells))):
+        fig = build()
+        if fig is not None:
+            fig.savefig(out_dir / f"{name}.png", dpi=110)
+            plt.close(fig)
     param_keys = sorted({k for c in cells for k in c["params"]})
     with open(out_dir / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
