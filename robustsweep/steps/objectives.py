@@ -44,7 +44,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -255,15 +255,20 @@ def _prepare_distill(model: nn.Module, ds: Dataset, train: DictConfig, node: Dic
     return student
 
 
-@register_objective("distill", check=_check_distill)
-def distill_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
-                 train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Defensive distillation; needs its teacher, so training calls ``distill_loss.prepare`` first."""
-    raise RuntimeError("objective distill needs its teacher: train with robustsweep.steps.train.train_model, "
-                       "which calls distill_loss.prepare first")
+def _prepared(name: str, prepare: Callable[..., Loss]) -> Loss:
+    """The registered loss of an objective that builds its per-batch loss in ``prepare`` (run once by
+    robustsweep.steps.train.train_model); called directly, it says so."""
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
+             train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError(f"objective {name} is built before training: train with "
+                           f"robustsweep.steps.train.train_model, which calls its prepare() first")
+
+    loss.prepare = prepare  # type: ignore[attr-defined]
+    loss.__doc__ = prepare.__doc__
+    return loss
 
 
-distill_loss.prepare = _prepare_distill  # type: ignore[attr-defined]
+distill_loss = register_objective("distill", check=_check_distill)(_prepared("distill", _prepare_distill))
 
 
 
@@ -314,12 +319,4 @@ def _prepare_ibp(model: nn.Module, ds: Dataset, train: DictConfig, node: DictCon
     return loss
 
 
-@register_objective("ibp", check=_check_ibp)
-def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
-             train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Certified training by IBP; its schedule needs the step count, so training calls ``prepare``."""
-    raise RuntimeError("objective ibp needs its schedule: train with robustsweep.steps.train.train_model, "
-                       "which calls ibp_loss.prepare first")
-
-
-ibp_loss.prepare = _prepare_ibp  # type: ignore[attr-defined]
+ibp_loss = register_objective("ibp", check=_check_ibp)(_prepared("ibp", _prepare_ibp))
