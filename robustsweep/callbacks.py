@@ -27,12 +27,31 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+def check_launcher(config: DictConfig) -> None:
+    """Launcher settings that would otherwise fail only after submission (or never say why)."""
+    from robustsweep.core.errors import ConfigError
+    from robustsweep.tracking.store import resolve_tracking_uri, sqlite_path
+
+    launcher = config.hydra.get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher"):
+        if not launcher.get("partition"):
+            raise ConfigError(f"hydra.launcher.partition={launcher.get('partition')!r} is not valid; allowed: "
+                              f"the SLURM partition to submit to, e.g. hydra.launcher.partition=gpu")
+        if sqlite_path(resolve_tracking_uri(config.tracking.uri)) is not None:
+            log.warning("hydra/launcher=submitit_slurm with a SQLite store: jobs on other nodes would share "
+                        "one file over the network file system, where SQLite's locks are unreliable. Start a "
+                        "tracking server (python -m robustsweep.tracking.server start) and export its "
+                        "MLFLOW_TRACKING_URI (README \"Scaling out\")")
+
+
 class Preflight(Callback):
     def _check(self, config: DictConfig) -> None:
         from robustsweep.core.errors import ConfigError
         from robustsweep.tracking.store import preflight
 
         try:
+            check_launcher(config)
             preflight(config)
         except ConfigError as e:
             # Hydra turns exceptions from callbacks into warnings; SystemExit gets through.

@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from optuna.samplers._base import _process_constraints_after_trial
 from optuna.trial import FrozenTrial, TrialState
 
 from robustsweep.core.errors import ConfigError
+from robustsweep.core.paths import redact_url
 from robustsweep.core.schema import Criterion as _CriterionName
 from robustsweep.core.schema import Sampler as _SamplerName
 
@@ -359,15 +359,11 @@ def open_storage(url: str | None, default: Path) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as e:  # bad URL, missing driver, unreachable server, unwritable path
         shown = redact_url(url) if url else url
-        raise ConfigError(
-            f"search.storage={shown!r} cannot be opened ({type(e).__name__}: {e}); allowed: null (= "
+        why = redact_url(str(e))  # the driver's message may quote the URL
+        raise ConfigError(  # from None: a chained traceback would print the URL unredacted
+            f"search.storage={shown!r} cannot be opened ({type(e).__name__}: {why}); allowed: null (= "
             f"journal file {default}), a journal file path, or an RDB URL such as "
-            f"sqlite:///outputs/optuna.db or postgresql://user:pw@host/db") from e
-
-
-def redact_url(url: str) -> str:
-    """Hide a password in an RDB URL before it is logged, tagged or shown in an error."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+            f"sqlite:///outputs/optuna.db or postgresql://user:pw@host/db") from None
 
 
 def check_spec(study: optuna.Study, spec: dict[str, Any]) -> None:

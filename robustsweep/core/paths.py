@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -19,6 +20,12 @@ def resolve_path(path: str | os.PathLike[str], base: Path | None = None) -> Path
     """Resolve a user path against the launch directory (Hydra's original cwd)."""
     p = Path(os.path.expanduser(str(path)))
     return p if p.is_absolute() else (base or launch_dir()) / p
+
+
+def redact_url(text: str) -> str:
+    """Hide every password in URLs such as ``postgresql://user:pw@host/db`` (``user:***@``): before a
+    URL is logged, tagged, logged as an MLflow param or shown in an error."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
 
 
 # The configs: an installed wheel ships them as robustsweep/conf; the source tree and an editable

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.paths import resolve_path
+from robustsweep.core.paths import redact_url, resolve_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +99,7 @@ class Client:
         return functools.partial(retry_locked, attr) if callable(attr) else attr
 
 
+_REACHED: set[str] = set()  # servers/databases this process has found answering (checked once)
 _READY: set[str] = set()  # stores this process has opened (MLflow caches them per URI)
 
 
@@ -115,14 +116,54 @@ def ensure_store(uri: str) -> None:
     _READY.add(uri)
 
 
+def check_reachable(uri: str, key: str, timeout_s: float = 10.0) -> None:
+    """A tracking server (http/https) answers ``/health``; a database URL (postgresql, mysql) accepts
+    a connection with its credentials. Otherwise ConfigError naming ``key``, the URI with its password
+    redacted, and what is allowed: before any job is launched, not one failure per job."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    shown = redact_url(uri)
+    start_one = "start one with `python -m robustsweep.tracking.server start`, or use sqlite:///outputs/mlflow.db"
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                if r.status == 200:
+                    return
+                why = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            why = str(getattr(e, "reason", e))
+        raise ConfigError(f"{key}={shown}: no MLflow server answers there ({why}); allowed: the URI of a "
+                          f"running tracking server ({start_one})")
+    if scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout_s)})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as e:  # wrong password, no server, missing driver
+            why = redact_url(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise ConfigError(f"{key}={shown}: cannot connect ({type(e).__name__}: {why}); allowed: a "
+                              f"database URL whose server is up and whose user/password are right "
+                              f"({start_one})") from None
+
+
 def preflight(cfg: DictConfig) -> None:
     """Before any job: the output folder and the store's folder exist, are writable and have
-    room. Raises ConfigError naming the key, instead of a traceback mid-sweep."""
+    room; a tracking server or database answers. Raises ConfigError naming the key, instead of a
+    traceback mid-sweep."""
     targets = [("paths.output_dir", resolve_path(cfg.paths.output_dir))]
-    db = sqlite_path(resolve_tracking_uri(cfg.tracking.uri))
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    key = "MLFLOW_TRACKING_URI" if user_env_uri() else "tracking.uri"
+    db = sqlite_path(uri)
     if db is not None:
-        key = "MLFLOW_TRACKING_URI" if user_env_uri() else "tracking.uri"
         targets.append((key, db.parent))
+    elif uri not in _REACHED:
+        check_reachable(uri, key)
+        _REACHED.add(uri)
     for key, folder in targets:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -192,9 +233,10 @@ def hydra_tags() -> dict[str, str]:
 
 
 def params_of(cfg: DictConfig) -> dict[str, str]:
+    """The job's config as flat params; passwords in URLs (``search.storage``) redacted."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     container.pop("hydra", None)
-    return {k: str(v) for k, v in flatten(container).items()}
+    return {k: redact_url(str(v)) for k, v in flatten(container).items()}
 
 
 def param_entities(cfg: DictConfig) -> list[Any]:

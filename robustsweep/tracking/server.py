@@ -1,0 +1,296 @@
+"""A tracking server for many workers: PostgreSQL and ``mlflow server``, started and stopped as one.
+
+    python -m robustsweep.tracking.server start [--dir outputs/server] [--port 5000] [--pg-port 5433]
+    eval "$(python -m robustsweep.tracking.server env)"  # MLFLOW_TRACKING_URI, ROBUSTSWEEP_OPTUNA_STORAGE
+    python -m robustsweep -m hydra/launcher=joblib hydra.launcher.n_jobs=4 sparsity=0,0.25,0.5,0.75
+    python -m robustsweep.tracking.server stop
+
+Why: one SQLite file answers "database is locked" to concurrent writers (measured, README "Scaling
+out"); MLflow and Optuna both support a real database. Everything lives under ``--dir``:
+
+  pgdata/         the PostgreSQL cluster (initdb on first start; reused afterwards)
+  socket/         its Unix socket (mode 700); TCP on 127.0.0.1 only, password (SCRAM) required
+  credentials     a generated password (mode 600), never printed, redacted in every message
+  artifacts/      the artifact store behind the server's proxy (workers upload over HTTP)
+  server.json     ports and process ids, for ``stop`` and ``env``
+  postgres.log, mlflow.log
+
+Databases ``mlflow`` (the tracking store) and ``optuna`` (RDB storage for ``search=cliff``) are
+owned by the role ``robustsweep``. PostgreSQL refuses to run as root, so under root the cluster
+runs as the ``postgres`` system user (Debian's package creates it); ``--dir`` must be reachable by
+that user. ``stop`` ends the MLflow server's whole process group (gunicorn/uvicorn workers too) and
+PostgreSQL (fast shutdown), then checks that no process of either is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from robustsweep.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+ROLE = "robustsweep"
+DATABASES = ("mlflow", "optuna")
+HEALTH_TIMEOUT_S = 120.0  # MLflow 3 on PostgreSQL answered /health after ~17 s here (migrations)
+
+
+@dataclass
+class State:
+    dir: str
+    port: int
+    pg_port: int
+    mlflow_pid: int
+    started_s: float  # seconds start() took
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _pg_bin(name: str) -> str:
+    """A PostgreSQL server binary: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                                   reverse=True)), None)
+    if not found:
+        raise ConfigError(f"{name}: PostgreSQL's server binaries are not installed; allowed: install them "
+                          f"(Debian/Ubuntu: apt-get install postgresql) or put initdb/pg_ctl on PATH")
+    return found
+
+
+def _pg_user() -> str | None:
+    """The system user PostgreSQL runs as: ourselves, or ``postgres`` when we are root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise ConfigError("PostgreSQL cannot run as root and there is no 'postgres' system user; allowed: "
+                          "run as an ordinary user, or install Debian's postgresql package") from None
+    return "postgres"
+
+
+def _as_pg(cmd: list[str]) -> list[str]:
+    user = _pg_user()
+    return ["runuser", "-u", user, "--", *cmd] if user else cmd
+
+
+def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
+    return r
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _password(folder: Path) -> str:
+    path = folder / "credentials"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def backend_uri(folder: Path, pg_port: int, db: str = "mlflow") -> str:
+    """The PostgreSQL URL of one of the server's databases (contains the password: never log it)."""
+    return f"postgresql+psycopg2://{ROLE}:{_password(folder)}@127.0.0.1:{pg_port}/{db}"
+
+
+def _start_postgres(folder: Path, pg_port: int) -> None:
+    data, sock = folder / "pgdata", folder / "socket"
+    user = _pg_user()
+    fresh = not (data / "PG_VERSION").exists()
+    for d in (data, sock):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        if user:
+            pw = pwd.getpwnam(user)
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+    if user:  # the postgres user must reach --dir; say so instead of initdb's "permission denied"
+        probe = subprocess.run(_as_pg(["test", "-w", str(data)]))
+        if probe.returncode != 0:
+            raise ConfigError(f"--dir={folder}: the 'postgres' user cannot reach {data}; allowed: a folder "
+                              f"whose parents it may traverse (chmod o+x), e.g. under /tmp")
+    if fresh:
+        _run(_as_pg([_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                     "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"]), "initdb")
+    logfile = folder / "postgres.log"
+    logfile.touch()
+    if user:
+        pw = pwd.getpwnam(user)
+        os.chown(logfile, pw.pw_uid, pw.pw_gid)
+    opts = f"-c listen_addresses=127.0.0.1 -p {pg_port} -k {sock}"
+    _run(_as_pg([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", "60", "-o", opts,
+                 "start"]), "pg_ctl start")
+    if fresh:
+        password = _password(folder).replace("'", "''")
+        sql = [f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'"] + [f"CREATE DATABASE {db} OWNER {ROLE}"
+                                                                      for db in DATABASES]
+        for stmt in sql:  # over the private socket as the superuser; the password goes on stdin, not argv
+            _run(_as_pg(["psql", "-h", str(sock), "-p", str(pg_port), "-U", "postgres", "-v", "ON_ERROR_STOP=1",
+                         "-q", "-f", "-"]), "creating the role and databases", input=stmt + ";\n")
+
+
+def _stop_postgres(folder: Path) -> None:
+    data = folder / "pgdata"
+    if (data / "postmaster.pid").exists():
+        _run(_as_pg([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
+             "pg_ctl stop")
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start(folder: Path, port: int = 5000, pg_port: int = 5433, workers: int = 2) -> State:
+    """Start PostgreSQL and the MLflow server on it; return when /health answers."""
+    folder = folder.resolve()
+    if (folder / "server.json").exists():
+        raise ConfigError(f"--dir={folder}: a server started there is still registered (server.json); allowed: "
+                          f"`python -m robustsweep.tracking.server stop --dir {folder}` first")
+    for flag, p in (("--port", port), ("--pg-port", pg_port)):
+        if not _port_free(p):
+            raise ConfigError(f"{flag}={p}: something already listens on 127.0.0.1:{p}; allowed: a free port")
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    _start_postgres(folder, pg_port)
+    (folder / "artifacts").mkdir(exist_ok=True)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri(folder, pg_port)}  # not on the command line
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(folder / "mlflow.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(workers), "--artifacts-destination", str(folder / "artifacts")],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    state = State(str(folder), port, pg_port, proc.pid, 0.0)
+    (folder / "server.json").write_text(json.dumps(asdict(state)))
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while not _healthy(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(folder)
+            tail = (folder / "mlflow.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"mlflow server did not answer /health on port {port} within "
+                               f"{HEALTH_TIMEOUT_S:.0f} s (exit {proc.poll()}); mlflow.log ends:\n{tail}")
+        time.sleep(0.5)
+    state.started_s = time.perf_counter() - t0
+    (folder / "server.json").write_text(json.dumps(asdict(state)))
+    log.info("tracking server up in %.1f s: MLflow %s on PostgreSQL 127.0.0.1:%d (%s)", state.started_s,
+             state.tracking_uri, pg_port, folder)
+    return state
+
+
+def load(folder: Path) -> State:
+    path = folder.resolve() / "server.json"
+    if not path.exists():
+        raise ConfigError(f"--dir={folder}: no server registered there (no server.json); allowed: the --dir "
+                          f"given to start")
+    return State(**json.loads(path.read_text()))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Processes whose command line or environment names ``folder``: what a clean stop leaves (none)."""
+    folder_s, out = str(folder.resolve()), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if folder_s in cmd:
+                out.append(f"{proc.name}: {cmd[:200]}")
+    return out
+
+
+def stop(folder: Path, timeout_s: float = 30.0) -> float:
+    """Stop the MLflow server's process group and PostgreSQL; return the seconds it took. Raises if a
+    process of either is left behind."""
+    folder = folder.resolve()
+    t0 = time.perf_counter()
+    path = folder / "server.json"
+    if path.exists():
+        state = State(**json.loads(path.read_text()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(state.mlflow_pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                os.killpg(state.mlflow_pid, 0)  # raises ProcessLookupError once the whole group is gone
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(state.mlflow_pid, os.WNOHANG)
+                time.sleep(0.2)
+            log.warning("mlflow server group %d still alive after %.0f s: SIGKILL", state.mlflow_pid, timeout_s)
+            os.killpg(state.mlflow_pid, signal.SIGKILL)
+    _stop_postgres(folder)
+    path.unlink(missing_ok=True)
+    left = leftovers(folder)
+    if left:
+        raise RuntimeError("processes left behind after stop:\n  " + "\n  ".join(left))
+    seconds = time.perf_counter() - t0
+    log.info("tracking server in %s stopped in %.1f s; no process left", folder, seconds)
+    return seconds
+
+
+def env_lines(folder: Path) -> str:
+    """Shell exports for workers: the server's URI, and the Optuna storage on the same PostgreSQL."""
+    state = load(folder)
+    optuna = backend_uri(Path(state.dir), state.pg_port, "optuna")
+    return f"export MLFLOW_TRACKING_URI={state.tracking_uri}\nexport ROBUSTSWEEP_OPTUNA_STORAGE='{optuna}'\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustsweep.tracking.server", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("start", "stop", "env", "status"))
+    ap.add_argument("--dir", type=Path, default=Path("outputs/server"), help="where everything lives")
+    ap.add_argument("--port", type=int, default=5000, help="MLflow server port on 127.0.0.1")
+    ap.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL port on 127.0.0.1")
+    ap.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.action == "start":
+            state = start(args.dir, args.port, args.pg_port, args.workers)
+            sys.stdout.write(f"MLFLOW_TRACKING_URI={state.tracking_uri}\n")
+        elif args.action == "stop":
+            stop(args.dir)
+        elif args.action == "env":
+            sys.stdout.write(env_lines(args.dir))
+        else:
+            state = load(args.dir)
+            up = _healthy(state.port)
+            sys.stdout.write(f"{state.tracking_uri} {'answers' if up else 'does not answer'}\n")
+            return 0 if up else 1
+    except (ConfigError, RuntimeError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
