@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.core.device import resolve_device
+from robustsweep.core.device import check_device
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, nonnegative_int, number_in, parse_epsilon, positive_int, unlocked
 from robustsweep.core.paths import CONF_DIR, resolve_path
@@ -70,7 +70,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         log.warning("!!! attack.norm=l2 with epsilon=%s (= %.4g): that is an L-inf-sized budget. An L2 "
                     "eps is the perturbation's norm over the whole image: 0.25-1.0 on CIFAR-10, 1-3 on "
                     "MNIST. Meant attack.norm=linf, or epsilon=0.5?", written, cfg.epsilon)
-    resolve_device(cfg.device)
+    check_device(cfg.device)  # checks only: the sweeper's process must not claim a worker's GPU
 
     check_data_config(cfg.data)
     check_model_config(cfg.model, cfg)

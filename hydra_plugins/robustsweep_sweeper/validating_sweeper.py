@@ -122,6 +122,8 @@ class ValidatingSweeper(BasicSweeper):
                 returns.append(results)
         except (KeyboardInterrupt, SystemExit) as e:
             self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
+        except Exception as e:  # the launcher itself failed: joblib lost a worker (SIGKILL, OOM), ...
+            self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
              "failures": failures}, indent=2))
@@ -131,24 +133,33 @@ class ValidatingSweeper(BasicSweeper):
     def _interrupted(e: BaseException, client: Any, experiment_id: str, parent: str, sweep_dir: Path,
                      jobs: list[Sequence[str]], cfgs: list[DictConfig], done: dict[int, str],
                      failures: list[dict[str, Any]]) -> None:
-        """Ctrl-C (or an exit that escaped a job): report what is kept, close the parent, exit 130.
+        """Ctrl-C, an exit that escaped a job, or a launcher that died (a worker process killed):
+        report what is kept, close the parent, exit 130 (interrupt) or 1.
 
-        Finished cells are already FINISHED runs; the cell that was running is closed FAILED by
-        its own run context; a relaunch of the same command runs exactly what is missing."""
+        Finished cells are already FINISHED runs; a cell that was running in this process is closed
+        FAILED by its own run context; cells whose worker process died (and the launcher's other
+        workers, which die with it) are marked FAILED here. A relaunch of the same command runs
+        exactly what is missing."""
         from robustsweep.tracking import sweep as sw
 
+        interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
+        why = type(e).__name__ + (f": {str(e).splitlines()[0]}"[:300] if str(e).strip() else "")
+        if not interrupted:
+            n = sw.fail_running_children(client, experiment_id, parent, f"worker process lost ({why}); re-run")
+            log.error("the launcher failed (%s); %d cell run(s) left RUNNING by its workers marked FAILED",
+                      why, n)
         now = {i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)}
         not_done = [" ".join(j) for i, j in enumerate(jobs) if i not in now]
         client.set_tag(parent, sw.ERROR_TAG, f"interrupted by {type(e).__name__}")
         client.set_terminated(parent, "KILLED")
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": len(done),
-             "ran": len(now) - len(done), "failures": failures, "interrupted": type(e).__name__,
+             "ran": len(now) - len(done), "failures": failures, "interrupted": type(e).__name__, "error": why,
              "not_finished": not_done}, indent=2))
         os.environ.pop(sw.PARENT_ENV, None)
-        msg = (f"sweep interrupted ({type(e).__name__}): {len(now)} of {len(jobs)} cells are FINISHED "
-               f"in the store ({len(now) - len(done)} this launch), {len(not_done)} not finished "
-               f"(the one running is marked FAILED). Relaunch the same command to run only those:\n"
+        msg = (f"sweep {'interrupted' if interrupted else 'stopped'} ({why}): {len(now)} of {len(jobs)} cells "
+               f"are FINISHED in the store ({len(now) - len(done)} this launch), {len(not_done)} not finished "
+               f"(those that were running are marked FAILED). Relaunch the same command to run only those:\n"
                + "\n".join(f"  [{j}]" for j in not_done))
         log.error("%s", msg)
-        raise SystemExit(130) from e
+        raise SystemExit(130 if interrupted else 1) from e

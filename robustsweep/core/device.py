@@ -47,8 +47,9 @@ def attack_batch_size(cfg: DictConfig, device: torch.device) -> int:
 
 
 def check_device(name: str) -> None:
-    """Raise ``ConfigError`` unless ``name`` is a valid device that exists here. Claims no GPU slot,
-    so a process that only validates configs (the sweeper's) does not take a GPU from the workers."""
+    """Raise ``ConfigError`` unless ``name`` is a valid device that exists here. Claims no GPU slot:
+    for where a device is only checked (config validation in the sweeper's process), so that such a
+    process does not hold a GPU slot that a worker should get."""
     import torch
 
     if not DEVICE_RE.match(str(name)):
@@ -61,6 +62,17 @@ def check_device(name: str) -> None:
             raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device='mps' but MPS is not available here; allowed: auto, cpu")
+
+
+def device_type(name: str) -> str:
+    """The kind of device ``name`` resolves to ("cpu", "cuda", "mps"), checked, without claiming a
+    GPU slot: what validation needs to know."""
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":")[0]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from robustsweep.core.device import amp_name, resolve_device
+from robustsweep.core.device import amp_name, device_type
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, positive_int
 from robustsweep.core.registry import Registry
@@ -193,10 +193,10 @@ def _check_int8(node: DictConfig, cfg: DictConfig) -> None:
     check(amp_name(cfg) == "none", "perf.amp", amp_name(cfg),
           "none with quantize=int8 (the int8 model computes in int8; bf16 autocast would change only the "
           "twin the attacks differentiate)")
-    device = resolve_device(cfg.device)
-    check(device.type == "cpu", "device", cfg.device,
+    kind = device_type(cfg.device)
+    check(kind == "cpu", "device", cfg.device,
           f"cpu for quantize=int8: PyTorch's int8 kernels ({', '.join(supported)}) "
-          f"run on the CPU only; {device.type} has none (quantize=fake runs anywhere)")
+          f"run on the CPU only; {kind} has none (quantize=fake runs anywhere)")
 
 
 @register_quantizer("int8", check=_check_int8)

@@ -67,6 +67,17 @@ def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
     return len(stale)
 
 
+def fail_running_children(client: Any, experiment_id: str, parent_run_id: str, reason: str) -> int:
+    """Mark the RUNNING child runs of a sweep FAILED with ``reason`` (their worker processes are gone:
+    a launcher that lost a worker takes the others down with it); return how many."""
+    running = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                 f"AND attributes.status = 'RUNNING'", max_results=10000)
+    for r in running:
+        client.set_tag(r.info.run_id, ERROR_TAG, reason[:4000])
+        client.set_terminated(r.info.run_id, "FAILED")
+    return len(running)
+
+
 def newest_cell_runs(client: Any, experiment: str) -> list[Any] | None:
     """Every FINISHED cell run of an experiment (any sweep, study or single job), the newest per
     cell id; None when there is no such experiment. What the README's tables are built from."""
