@@ -30,11 +30,12 @@ synthetic objectives; ``hydra_plugins/robustsweep_optuna`` wires it to Hydra job
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -345,15 +346,18 @@ def build_sampler(name: str, param: str | None, *, constrained: bool, tol: float
 
 
 # --------------------------------------------------------------------------------- storage
-def open_storage(url: str | None, default: Path) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, default: Path, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> optuna.storages.BaseStorage:
     """``None`` -> a JournalStorage file at ``default`` (safe with several worker processes);
-    ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` -> RDBStorage; any other string is a
+    ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` -> RDBStorage, with Optuna's heartbeat
+    when ``heartbeat_interval`` is given (stale trials: ``fail_stale``); any other string is a
     journal file path (``journal:`` prefix optional). Raises ConfigError naming ``search.storage``."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     try:
         if url and "://" in url and not url.startswith("journal:"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                              heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         path = Path(url.removeprefix("journal:")) if url else default
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -379,6 +383,63 @@ def check_spec(study: optuna.Study, spec: dict[str, Any]) -> None:
             f"study {study.study_name!r} exists with a different objective: "
             + "; ".join(f"{k}: stored {old.get(k)!r}, now {spec.get(k)!r}" for k in diff)
             + ". Allowed: the same settings, or a new search.study_name=<name>")
+
+
+def fail_stale(study: optuna.Study) -> int:
+    """Fail the trials whose launcher is gone, marked interrupted (not a failure of their cell: they do
+    not count against max_failure_rate and their value may be probed again); return how many. With a
+    heartbeat (RDB storage) only trials whose last beat is older than the grace period: a second
+    launcher on the same study keeps its running trials. Without one (journal file), every RUNNING
+    trial: one launcher per study."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return fail_interrupted_trials(study)
+    failed = []
+    # What optuna.storages.fail_stale_trials does, plus the mark, which must precede FAIL (a finished
+    # trial's attributes cannot change). Another launcher may fail the same trial first: skip it.
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with contextlib.suppress(UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                failed.append(storage.get_trial_number_from_id(trial_id))
+    if failed:
+        log.warning("study %s: %d trial(s) without a heartbeat for the grace period (their launcher is gone) "
+                    "marked FAILED: %s", study.study_name, len(failed), sorted(failed))
+    return len(failed)
+
+
+@contextlib.contextmanager
+def heartbeats(study: optuna.Study, trials: Sequence[optuna.trial.Trial]) -> Iterator[None]:
+    """While the trials run (in launcher jobs, perhaps other processes), this process records their
+    heartbeat every ``heartbeat_interval`` seconds: proof for other launchers that they are alive."""
+    import threading
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage) or not trials:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for t in trials:
+                with contextlib.suppress(Exception):  # a beat lost to a transient error is not fatal
+                    storage.record_heartbeat(t._trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def fail_interrupted_trials(study: optuna.Study) -> int:

@@ -173,6 +173,30 @@ def test_interrupted_trials_are_failed_at_startup_and_probed_again(tmp_path):
     assert study.ask(SPACE).params["sparsity"] == t.params["sparsity"]  # retried, not skipped
 
 
+def test_with_a_heartbeat_only_trials_whose_launcher_is_gone_are_failed(tmp_path):
+    """RDB storage with Optuna's heartbeat (search.heartbeat_interval / grace_period): a second
+    launcher on the study keeps its running trial (the journal-file rule, fail every RUNNING trial,
+    would kill it); a trial whose beats stopped for the grace period is failed, marked interrupted,
+    and probed again. ``heartbeats`` beats for the trials of a launch while it runs."""
+    import time
+
+    from robustsweep.search import fail_stale, heartbeats
+
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db", tmp_path / "unused", heartbeat_interval=1,
+                           grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize", sampler=bisection())
+    dead, alive = study.ask(SPACE), study.ask(SPACE)
+    storage.record_heartbeat(dead._trial_id)  # its launcher beat once, then was SIGKILLed
+    with heartbeats(study, [alive]):  # the other launcher, still running its trial
+        time.sleep(3.5)
+        assert fail_stale(study) == 1
+    states = {t.number: t for t in study.get_trials()}
+    assert states[dead.number].state == TrialState.FAIL and states[dead.number].user_attrs[INTERRUPTED_ATTR]
+    assert states[alive.number].state == TrialState.RUNNING
+    assert fail_stale(study) == 0  # alive beat a moment ago
+    assert study.ask(SPACE).params["sparsity"] == dead.params["sparsity"]  # its value is probed again
+
+
 def test_constraints_asr_robust_acc_and_unmeasurable():
     crit = Criterion("asr", 0.10, 0.05)
     assert crit.constraints({"asr": 0.35, "clean_acc": 0.88}, REF) == pytest.approx([-0.05, -0.03])

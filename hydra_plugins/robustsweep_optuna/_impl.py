@@ -94,7 +94,11 @@ class OptunaSweeperImpl(Sweeper):
                 ("n_trials", isinstance(s["n_trials"], int) and s["n_trials"] >= 1, "an integer >= 1"),
                 ("n_jobs", isinstance(s["n_jobs"], int) and s["n_jobs"] >= 1, "an integer >= 1"),
                 ("tol", s["tol"] > 0, "a number > 0"),
-                ("max_failure_rate", 0 <= s["max_failure_rate"] <= 1, "a number in [0, 1]")):
+                ("max_failure_rate", 0 <= s["max_failure_rate"] <= 1, "a number in [0, 1]"),
+                ("heartbeat_interval", isinstance(beat := s["heartbeat_interval"], int) and beat >= 1,
+                 "an integer >= 1 (seconds)"),
+                ("grace_period", isinstance(s["grace_period"], int) and s["grace_period"] > beat,
+                 "an integer of seconds > search.heartbeat_interval")):
             if not ok:
                 raise ConfigError(f"search.{key}={s[key]!r} is not valid; allowed: {allowed}")
         crit = Criterion(s["criterion"], s["delta"], s["delta_acc"]) if s["criterion"] else None
@@ -188,7 +192,7 @@ class OptunaSweeperImpl(Sweeper):
             SPEC_ATTR,
             build_sampler,
             check_spec,
-            fail_interrupted_trials,
+            fail_stale,
             open_storage,
             redact_url,
         )
@@ -197,7 +201,7 @@ class OptunaSweeperImpl(Sweeper):
         s, crit, ref_cfg = plan["s"], plan["crit"], plan["ref_cfg"]
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we log every trial ourselves
         default = resolve_path(ref_cfg.paths.output_dir) / "optuna" / "journal.log"
-        storage = open_storage(s["storage"], default)
+        storage = open_storage(s["storage"], default, s["heartbeat_interval"], s["grace_period"])
         name = s["study_name"] or _default_study_name(plan)
         sampler = build_sampler(s["sampler"], plan["param"] if crit else None,
                                 constrained=crit is not None, tol=s["tol"], seed=s["seed"])
@@ -219,7 +223,7 @@ class OptunaSweeperImpl(Sweeper):
         if crit and stored.get("reference_cell") in lookup_ids(ref_cfg):  # stored under an older id scheme
             spec["reference_cell"] = stored["reference_cell"]
         check_spec(study, spec)
-        fail_interrupted_trials(study)
+        fail_stale(study)
         plan["storage_desc"] = redact_url(s["storage"]) if s["storage"] else f"journal file {default}"
         log.info("study %s (%s, sampler %s): %d trial(s) stored", name, plan["storage_desc"],
                  s["sampler"], len(study.trials))
@@ -229,7 +233,7 @@ class OptunaSweeperImpl(Sweeper):
     def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
         from optuna.trial import TrialState
 
-        from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR
+        from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR, fail_stale
         from robustsweep.tracking import store as tracking
         from robustsweep.tracking import sweep as sw
 
@@ -271,6 +275,7 @@ class OptunaSweeperImpl(Sweeper):
         while len(counted()) < s["n_trials"]:
             if crit is not None and ref is not None and self._converged():
                 break
+            fail_stale(study)  # another launcher on this study may have died meanwhile
             k = 1 if (crit is not None and ref is None) else min(s["n_jobs"], s["n_trials"] - len(counted()))
             trials = [study.ask(space) for _ in range(k)]
             returns.append(self._launch(trials, failures))
@@ -299,7 +304,7 @@ class OptunaSweeperImpl(Sweeper):
         from optuna.trial import TrialState
 
         from robustsweep.config import ConfigError
-        from robustsweep.search import ROLE_ATTR, is_safe, record_constraints
+        from robustsweep.search import ROLE_ATTR, heartbeats, is_safe, record_constraints
         from robustsweep.tracking import sweep as sw
 
         plan, study = self.plan, self.study
@@ -314,7 +319,8 @@ class OptunaSweeperImpl(Sweeper):
                 study.tell(t, state=TrialState.FAIL)
             failures.append(str(e))
             return []
-        results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
+        with heartbeats(study, trials):  # other launchers on this study see them alive
+            results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
         order = sorted(zip(trials, results, strict=True),
                        key=lambda tr: tr[0].user_attrs.get(ROLE_ATTR) != "reference")
         for t, r in order:

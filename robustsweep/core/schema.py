@@ -66,6 +66,8 @@ class SearchConfig:
     tol: float = 0.01  # bisection stops when the bracket is this narrow
     max_failure_rate: float = 0.25  # of n_trials; more failed trials stop the study
     storage: Optional[str] = None  # noqa: UP045 ; null = journal file under paths.output_dir
+    heartbeat_interval: int = 10  # s; RDB storage: each launcher's running trials beat this often
+    grace_period: int = 60  # s without a beat: the trial's launcher is gone (RDB storage)
     study_name: Optional[str] = None  # noqa: UP045 ; null = derived from the fixed overrides
     seed: int = 0  # sampler seed
 
