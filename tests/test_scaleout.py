@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def tracking_server():
     state = server.start(folder / "server", port=_free_port(), pg_port=_free_port())
     assert state.started_s < server.HEALTH_TIMEOUT_S
     yield state
-    server.stop(folder / "server")  # raises if a process is left behind
+    assert server.stop(folder / "server") < 60  # raises if a process is left behind
     assert not server.leftovers(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -143,7 +142,7 @@ def test_chaos_on_postgresql_through_the_tracking_server(tracking_server, tmp_pa
 
 
 def test_chaos_on_sqlite_with_joblib(tmp_path):
-    _chaos(tmp_path, {}, f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    _chaos(tmp_path, {}, f"sqlite:///{tmp_path}/outputs/mlflow.db", kills=1)
 
 
 def test_submitit_local_sweep_lands_in_the_server(tracking_server, tmp_path):
@@ -203,20 +202,3 @@ def test_slurm_launcher_without_a_partition_is_refused(tmp_path):
     rc, out = _run(tmp_path, "-m", "hydra/launcher=submitit_slurm", "sparsity=0,0.5", *TINY)
     assert rc != 0 and "hydra.launcher.partition=None is not valid; allowed: the SLURM partition" in out
     assert not (tmp_path / "outputs" / "multiruns").exists()
-
-
-def test_stop_leaves_nothing_behind_and_a_second_start_reuses_the_cluster(tmp_path):
-    """Start, stop, start again on the same folder (the cluster and its password are reused), stop:
-    no process of PostgreSQL or MLflow left, timings within bounds."""
-    if not _have_postgres():
-        pytest.skip("PostgreSQL is not installed")
-    folder = Path(tempfile.mkdtemp(prefix="rs-server-", dir="/tmp"))
-    folder.chmod(0o755)
-    try:
-        for _ in range(2):
-            server.start(folder / "s", port=_free_port(), pg_port=_free_port(), workers=1)
-            assert server.stop(folder / "s") < 60
-            assert not server.leftovers(folder)
-        assert not (folder / "s" / "server.json").exists()
-    finally:
-        threading.Thread(target=shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True}).start()
