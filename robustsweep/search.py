@@ -411,6 +411,17 @@ def fail_stale(study: optuna.Study) -> int:
     return len(failed)
 
 
+def mark_interrupted(study: optuna.Study, trials: Sequence[optuna.trial.Trial]) -> None:
+    """This launcher's own trials, stopped by an interrupt: FAILED and marked interrupted (skipped when
+    another launcher already finished them)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    for t in trials:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
 @contextlib.contextmanager
 def heartbeats(study: optuna.Study, trials: Sequence[optuna.trial.Trial]) -> Iterator[None]:
     """While the trials run (in launcher jobs, perhaps other processes), this process records their
@@ -439,7 +450,7 @@ def heartbeats(study: optuna.Study, trials: Sequence[optuna.trial.Trial]) -> Ite
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=30)  # a beat stuck on the database must not hang the sweep
 
 
 def fail_interrupted_trials(study: optuna.Study) -> int:

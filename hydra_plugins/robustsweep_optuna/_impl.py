@@ -209,8 +209,8 @@ class OptunaSweeperImpl(Sweeper):
             study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                         direction=s["direction"], load_if_exists=True)
         except Exception as e:
-            raise ConfigError(f"search.storage={s['storage']!r}: cannot create or load study {name!r} "
-                              f"({type(e).__name__}: {e})") from e
+            raise ConfigError(f"search.storage={redact_url(str(s['storage']))!r}: cannot create or load study "
+                              f"{name!r} ({type(e).__name__}: {redact_url(str(e))})") from None
         spec = {"objective": s["objective"], "direction": s["direction"], "criterion": s["criterion"],
                 "delta": s["delta"] if crit else None, "delta_acc": s["delta_acc"] if crit else None,
                 "param": plan["param"] if crit else None, "reference": s["reference"] if crit else None,
@@ -233,6 +233,7 @@ class OptunaSweeperImpl(Sweeper):
     def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
         from optuna.trial import TrialState
 
+        from robustsweep.core.paths import redact_url
         from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR, fail_stale
         from robustsweep.tracking import store as tracking
         from robustsweep.tracking import sweep as sw
@@ -250,7 +251,7 @@ class OptunaSweeperImpl(Sweeper):
             name=f"study {study.study_name}"[:250], role="study",
             tags={"optuna.study_name": study.study_name, "optuna.storage": plan["storage_desc"],
                   "optuna.sampler": s["sampler"], "hydra.sweep.dir": str(sweep_dir.resolve()),
-                  "hydra.overrides": " ".join(self.config.hydra.overrides.task),
+                  "hydra.overrides": redact_url(" ".join(self.config.hydra.overrides.task)),
                   "robustsweep.search": json.dumps({k: v for k, v in s.items() if k != "storage"})})
         os.environ[sw.PARENT_ENV] = parent
         os.environ[sw.STUDY_ENV] = study.study_name
@@ -304,7 +305,7 @@ class OptunaSweeperImpl(Sweeper):
         from optuna.trial import TrialState
 
         from robustsweep.config import ConfigError
-        from robustsweep.search import ROLE_ATTR, heartbeats, is_safe, record_constraints
+        from robustsweep.search import ROLE_ATTR, heartbeats, is_safe, mark_interrupted, record_constraints
         from robustsweep.tracking import sweep as sw
 
         plan, study = self.plan, self.study
@@ -319,8 +320,12 @@ class OptunaSweeperImpl(Sweeper):
                 study.tell(t, state=TrialState.FAIL)
             failures.append(str(e))
             return []
-        with heartbeats(study, trials):  # other launchers on this study see them alive
-            results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
+        try:
+            with heartbeats(study, trials):  # other launchers on this study see them alive
+                results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
+        except BaseException:  # Ctrl-C, a lost worker: these trials were interrupted, not failed by
+            mark_interrupted(study, trials)  # their cells; a relaunch probes them again at once
+            raise
         order = sorted(zip(trials, results, strict=True),
                        key=lambda tr: tr[0].user_attrs.get(ROLE_ATTR) != "reference")
         for t, r in order:

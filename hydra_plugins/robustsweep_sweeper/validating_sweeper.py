@@ -67,6 +67,9 @@ class ValidatingSweeper(BasicSweeper):
         return cfgs
 
     def sweep(self, arguments: list[str]) -> Any:
+        from concurrent.futures.process import BrokenProcessPool  # loky's TerminatedWorkerError is one
+
+        from robustsweep.core.paths import redact_url
         from robustsweep.tracking import store
         from robustsweep.tracking import sweep as sw
 
@@ -94,9 +97,10 @@ class ValidatingSweeper(BasicSweeper):
 
         task = list(self.config.hydra.overrides.task)
         sid = sw.sweep_id(task, cfgs[0].tracking.experiment)
+        shown = redact_url(" ".join(task))  # search.storage=postgresql://user:pw@... on the command line
         parent = sw.get_or_create_parent(
-            client, experiment_id, sid, name=f"sweep {' '.join(task)}"[:250],
-            tags={"hydra.sweep.dir": str(sweep_dir), "hydra.overrides": " ".join(task),
+            client, experiment_id, sid, name=f"sweep {shown}"[:250],
+            tags={"hydra.sweep.dir": str(sweep_dir), "hydra.overrides": shown,
                   "robustsweep.n_cells": str(len(jobs)), "robustsweep.skipped": str(skipped)})
         os.environ[sw.PARENT_ENV] = parent
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -122,8 +126,13 @@ class ValidatingSweeper(BasicSweeper):
                 returns.append(results)
         except (KeyboardInterrupt, SystemExit) as e:
             self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
-        except Exception as e:  # the launcher itself failed: joblib lost a worker (SIGKILL, OOM), ...
+        except BrokenProcessPool as e:  # joblib lost a worker (SIGKILL, OOM) and stopped the others with it
             self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
+        except Exception as e:  # any other launcher error: its jobs may still run (submitit), so their
+            # runs are left as they are; the parent says what happened
+            client.set_tag(parent, sw.ERROR_TAG, redact_url(f"launcher failed: {type(e).__name__}: {e}")[:4000])
+            client.set_terminated(parent, "FAILED")
+            raise
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
              "failures": failures}, indent=2))
@@ -133,13 +142,13 @@ class ValidatingSweeper(BasicSweeper):
     def _interrupted(e: BaseException, client: Any, experiment_id: str, parent: str, sweep_dir: Path,
                      jobs: list[Sequence[str]], cfgs: list[DictConfig], done: dict[int, str],
                      failures: list[dict[str, Any]]) -> None:
-        """Ctrl-C, an exit that escaped a job, or a launcher that died (a worker process killed):
+        """Ctrl-C, an exit that escaped a job, or a joblib pool that lost a worker (SIGKILL, OOM):
         report what is kept, close the parent, exit 130 (interrupt) or 1.
 
         Finished cells are already FINISHED runs; a cell that was running in this process is closed
-        FAILED by its own run context; cells whose worker process died (and the launcher's other
-        workers, which die with it) are marked FAILED here. A relaunch of the same command runs
-        exactly what is missing."""
+        FAILED by its own run context; cells whose worker process died (and the pool's other workers,
+        which joblib terminates and waits for before raising) are marked FAILED here. A relaunch of
+        the same command runs exactly what is missing."""
         from robustsweep.tracking import sweep as sw
 
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)

@@ -57,6 +57,7 @@ class State:
     pg_port: int
     mlflow_pid: int
     started_s: float  # seconds start() took
+    mlflow_started_at: str | None = None  # _started_at(mlflow_pid): not some other process after a reboot
 
     @property
     def tracking_uri(self) -> str:
@@ -108,11 +109,25 @@ def _port_free(port: int) -> bool:
 
 
 def _password(folder: Path) -> str:
+    """The generated password, created once with mode 600 from the start (never readable by others)."""
     path = folder / "credentials"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o600)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _started_at(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22) and the boot id: with
+    the pid, what identifies the process we started even after a reboot recycles pids."""
+    try:
+        ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{ticks}"
 
 
 def backend_uri(folder: Path, pg_port: int, db: str = "mlflow") -> str:
@@ -146,19 +161,34 @@ def _start_postgres(folder: Path, pg_port: int) -> None:
     opts = f"-c listen_addresses=127.0.0.1 -p {pg_port} -k {sock}"
     _run(_as_pg([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", "60", "-o", opts,
                  "start"]), "pg_ctl start")
-    if fresh:
-        password = _password(folder).replace("'", "''")
-        sql = [f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'"] + [f"CREATE DATABASE {db} OWNER {ROLE}"
-                                                                      for db in DATABASES]
-        for stmt in sql:  # over the private socket as the superuser; the password goes on stdin, not argv
-            _run(_as_pg(["psql", "-h", str(sock), "-p", str(pg_port), "-U", "postgres", "-v", "ON_ERROR_STOP=1",
-                         "-q", "-f", "-"]), "creating the role and databases", input=stmt + ";\n")
+    # On every start, not only the first: a start that died after initdb, or a credentials file
+    # deleted since, must not leave a cluster whose role is missing or has another password.
+    password = _password(folder).replace("'", "''")
+    sql = [f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN CREATE ROLE {ROLE} "
+           f"LOGIN; END IF; END$$;", f"ALTER ROLE {ROLE} LOGIN PASSWORD '{password}';"]
+    sql += [f"SELECT 'CREATE DATABASE {db} OWNER {ROLE}' WHERE NOT EXISTS (SELECT FROM pg_database WHERE "
+            f"datname = '{db}')\\gexec" for db in DATABASES]
+    try:  # over the private socket as the superuser; the password goes on stdin, not argv
+        _run(_as_pg([_pg_bin("psql"), "-h", str(sock), "-p", str(pg_port), "-U", "postgres", "-v",
+                     "ON_ERROR_STOP=1", "-q", "-f", "-"]), "creating the role and databases",
+             input="\n".join(sql) + "\n")
+    except Exception:
+        _stop_postgres(folder)
+        raise
+
+
+def _pg_running(folder: Path) -> bool:
+    """pg_ctl status: 0 running, 3 not running (also with a stale postmaster.pid after a crash)."""
+    data = folder / "pgdata"
+    if not (data / "PG_VERSION").exists():
+        return False
+    status = subprocess.run(_as_pg([_pg_bin("pg_ctl"), "-D", str(data), "status"]), capture_output=True)
+    return status.returncode == 0
 
 
 def _stop_postgres(folder: Path) -> None:
-    data = folder / "pgdata"
-    if (data / "postmaster.pid").exists():
-        _run(_as_pg([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
+    if _pg_running(folder):
+        _run(_as_pg([_pg_bin("pg_ctl"), "-D", str(folder / "pgdata"), "-m", "fast", "-w", "-t", "60", "stop"]),
              "pg_ctl stop")
 
 
@@ -176,6 +206,8 @@ def start(folder: Path, port: int = 5000, pg_port: int = 5433, workers: int = 2)
     if (folder / "server.json").exists():
         raise ConfigError(f"--dir={folder}: a server started there is still registered (server.json); allowed: "
                           f"`python -m robustsweep.tracking.server stop --dir {folder}` first")
+    if _pg_running(folder):  # left by a start that died after pg_ctl, or a server.json deleted by hand
+        _stop_postgres(folder)
     for flag, p in (("--port", port), ("--pg-port", pg_port)):
         if not _port_free(p):
             raise ConfigError(f"{flag}={p}: something already listens on 127.0.0.1:{p}; allowed: a free port")
@@ -190,15 +222,16 @@ def start(folder: Path, port: int = 5000, pg_port: int = 5433, workers: int = 2)
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(workers), "--artifacts-destination", str(folder / "artifacts")],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    state = State(str(folder), port, pg_port, proc.pid, 0.0)
+    state = State(str(folder), port, pg_port, proc.pid, 0.0, _started_at(proc.pid))
     (folder / "server.json").write_text(json.dumps(asdict(state)))
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while not _healthy(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if (rc := proc.poll()) is not None or time.monotonic() > deadline:
             stop(folder)
             tail = (folder / "mlflow.log").read_text(errors="replace")[-1500:]
+            how = f"exit {rc}" if rc is not None else "still running"
             raise RuntimeError(f"mlflow server did not answer /health on port {port} within "
-                               f"{HEALTH_TIMEOUT_S:.0f} s (exit {proc.poll()}); mlflow.log ends:\n{tail}")
+                               f"{HEALTH_TIMEOUT_S:.0f} s ({how}); mlflow.log ends:\n{tail}")
         time.sleep(0.5)
     state.started_s = time.perf_counter() - t0
     (folder / "server.json").write_text(json.dumps(asdict(state)))
@@ -215,15 +248,29 @@ def load(folder: Path) -> State:
     return State(**json.loads(path.read_text()))
 
 
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
 def leftovers(folder: Path) -> list[str]:
-    """Processes whose command line or environment names ``folder``: what a clean stop leaves (none)."""
-    folder_s, out = str(folder.resolve()), []
+    """Server processes still running from ``folder``: PostgreSQL (``-D <folder>/pgdata``) and the MLflow
+    server (``--artifacts-destination <folder>/artifacts``) with its workers. What a clean stop leaves:
+    nothing. This process and its ancestors (a shell running ``stop --dir ...``) do not count."""
+    marks = [str(folder.resolve() / "pgdata"), str(folder.resolve() / "artifacts")]
+    skip, out = _ancestors(), []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in skip:
             continue
         with contextlib.suppress(OSError):
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if folder_s in cmd:
+            if any(m in cmd for m in marks) and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 out.append(f"{proc.name}: {cmd[:200]}")
     return out
 
@@ -236,24 +283,35 @@ def stop(folder: Path, timeout_s: float = 30.0) -> float:
     path = folder / "server.json"
     if path.exists():
         state = State(**json.loads(path.read_text()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(state.mlflow_pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                os.killpg(state.mlflow_pid, 0)  # raises ProcessLookupError once the whole group is gone
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(state.mlflow_pid, os.WNOHANG)
-                time.sleep(0.2)
-            log.warning("mlflow server group %d still alive after %.0f s: SIGKILL", state.mlflow_pid, timeout_s)
-            os.killpg(state.mlflow_pid, signal.SIGKILL)
+        if state.mlflow_started_at and _started_at(state.mlflow_pid) != state.mlflow_started_at:
+            log.info("mlflow server %d is not running any more (a recycled pid is not signalled)",
+                     state.mlflow_pid)
+        else:
+            _stop_group(state.mlflow_pid, timeout_s)
     _stop_postgres(folder)
     path.unlink(missing_ok=True)
-    left = leftovers(folder)
+    deadline = time.monotonic() + 10  # SIGKILLed workers take a moment to disappear from /proc
+    while (left := leftovers(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     if left:
         raise RuntimeError("processes left behind after stop:\n  " + "\n  ".join(left))
     seconds = time.perf_counter() - t0
     log.info("tracking server in %s stopped in %.1f s; no process left", folder, seconds)
     return seconds
+
+
+def _stop_group(pgid: int, timeout_s: float) -> None:
+    """SIGTERM the process group, wait for all of it, SIGKILL what is left after ``timeout_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises ProcessLookupError once the whole group is gone
+            with contextlib.suppress(ChildProcessError):  # reap it when we are its parent (tests)
+                os.waitpid(pgid, os.WNOHANG)
+            time.sleep(0.2)
+        log.warning("mlflow server group %d still alive after %.0f s: SIGKILL", pgid, timeout_s)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def env_lines(folder: Path) -> str:

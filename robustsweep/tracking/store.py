@@ -128,19 +128,22 @@ def check_reachable(uri: str, key: str, timeout_s: float = 10.0) -> None:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-                if r.status == 200:
-                    return
-                why = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
-            why = str(getattr(e, "reason", e))
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:
+            return  # a server answered (401 behind an auth proxy, ...): reachable; MLflow handles the rest
+        except Exception as e:  # refused, unresolvable, timed out, a malformed URI
+            why = redact_url(str(getattr(e, "reason", e)))
         raise ConfigError(f"{key}={shown}: no MLflow server answers there ({why}); allowed: the URI of a "
                           f"running tracking server ({start_one})")
     if scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
         import sqlalchemy
 
         try:
-            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout_s)})
+            # connect_timeout is a libpq/MySQLdb option; other drivers reject unknown arguments
+            timeout = {"connect_timeout": int(timeout_s)} if "+" not in scheme or scheme.endswith(
+                ("psycopg2", "psycopg", "mysqldb", "pymysql")) else {}
+            engine = sqlalchemy.create_engine(uri, connect_args=timeout)
             with engine.connect():
                 pass
             engine.dispose()
@@ -225,7 +228,7 @@ def hydra_tags() -> dict[str, str]:
         return {}
     hc = HydraConfig.get()
     tags = {"hydra.job.name": hc.job.name, "hydra.output_dir": hc.runtime.output_dir,
-            "hydra.overrides": " ".join(hc.overrides.task)}
+            "hydra.overrides": redact_url(" ".join(hc.overrides.task))}
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         tags["hydra.sweep.dir"] = str(hc.sweep.dir)
         tags["hydra.job.num"] = str(hc.job.num)
