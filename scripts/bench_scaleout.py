@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench_scaleout")
-GRID = ["experiment=quickstart", "sparsity=0,0.25,0.5,0.75", "epsilon=0.05,0.1,0.2,0.3"]
+GRID = ["-m", "experiment=quickstart", "sparsity=0,0.25,0.5,0.75", "epsilon=0.05,0.1,0.2,0.3"]
 VARIANTS = {
     "grid sweeper, in-process": [],
     "joblib, 1 worker": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
