@@ -48,10 +48,24 @@ def _robustsweep(cwd: Path, args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def _finished_children(uri: str, experiment: str) -> list[int]:
+    """FINISHED cell runs under each sweep parent of ``experiment``: [16] is a complete sweep."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r.info.run_id for r in runs if r.data.tags.get("robustsweep.role") == "sweep"]
+    return [sum(r.info.status == "FINISHED" and r.data.tags.get("mlflow.parentRunId") == p for r in runs)
+            for p in parents]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", action="store_true", help="log into a tracking server on PostgreSQL")
     ap.add_argument("--out", type=Path, default=Path("bench_scaleout.json"))
+    ap.add_argument("--only", default="", help="run only the launchers whose name contains this (the "
+                                                "in-process grid always runs: it is the reference)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(tempfile.mkdtemp(prefix="rs-bench-", dir="/tmp"))
@@ -71,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         _robustsweep(work, ["experiment=quickstart", "sparsity=0", f"paths.output_dir={cache}",
                             f"tracking.uri=sqlite:///{cache}/mlflow.db"], local)
         for i, (name, extra) in enumerate(VARIANTS.items()):
+            if i and args.only not in name:
+                continue
             run_dir = work / f"v{i}"
             shutil.copytree(cache / "cache", run_dir / "outputs" / "cache")  # the warmed baseline
             tracking = [f"tracking.experiment=bench{i}"]
             seconds = _robustsweep(run_dir, [*GRID, *extra, *tracking], env)
-            rows.append({"variant": name, "seconds": seconds, "cells_per_min": 16 * 60 / seconds})
-            log.info("%-30s 16 cells in %6.1f s: %5.1f cells/min", name, seconds, 16 * 60 / seconds)
+            children = _finished_children(env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir}/outputs/mlflow.db",
+                                          f"bench{i}")
+            rows.append({"variant": name, "seconds": seconds, "cells_per_min": 16 * 60 / seconds,
+                         "finished_children_per_parent": children})
+            log.info("%-30s 16 cells in %6.1f s: %5.1f cells/min; FINISHED children per parent: %s", name,
+                     seconds, 16 * 60 / seconds, children)
     finally:
         if args.server:
             server_info["stop_s"] = server.stop(work / "server")
