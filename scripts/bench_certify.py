@@ -7,9 +7,11 @@ randomized smoothing, on the networks of the README's tables.
 Claim checked (README "Certified robustness"): IBP costs about one forward pass, CROWN-IBP a backward
 pass per specification, full CROWN a backward pass per hidden neuron (the slow one), smoothing n + n0
 forward passes per image. Each method runs the functions the ``certify`` evaluator calls
-(robustsweep.steps.bounds, robustsweep.steps.smoothing) on the first ``--n`` evaluation images of
-each network's cached baseline (trained on first use), with the batch sizes the evaluator uses, and
-is timed once after a warm-up; the time is scaled to 1000 images. Run it on an idle machine: the
+(robustsweep.steps.bounds, robustsweep.steps.smoothing) on the first evaluation images of each
+network's cached baseline (trained on first use; how many per method: ``NETWORKS``), and is timed
+once after a warm-up; the time is scaled to 1000 images. Batches: IBP all images at once, CROWN-IBP
+64 per pass (as the evaluator), full CROWN 8 (the evaluator takes as many as its memory estimate
+allows, up to 256), smoothing 500 noisy copies per pass. Run it on an idle machine: the
 figures are wall-clock.
 """
 
