@@ -385,6 +385,13 @@ def check_spec(study: optuna.Study, spec: dict[str, Any]) -> None:
             + ". Allowed: the same settings, or a new search.study_name=<name>")
 
 
+def _fail_interrupted(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    """Mark a trial interrupted, then FAIL it (a finished trial's attributes cannot change, so the mark
+    comes first); True when this call failed it."""
+    storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
+    return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
 def fail_stale(study: optuna.Study) -> int:
     """Fail the trials whose launcher is gone, marked interrupted (not a failure of their cell: they do
     not count against max_failure_rate and their value may be probed again); return how many. With a
@@ -402,8 +409,7 @@ def fail_stale(study: optuna.Study) -> int:
     # trial's attributes cannot change). Another launcher may fail the same trial first: skip it.
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         with contextlib.suppress(UpdateFinishedTrialError):
-            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
-            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            if _fail_interrupted(storage, trial_id):
                 failed.append(storage.get_trial_number_from_id(trial_id))
     if failed:
         log.warning("study %s: %d trial(s) without a heartbeat for the grace period (their launcher is gone) "
@@ -418,8 +424,7 @@ def mark_interrupted(study: optuna.Study, trials: Sequence[optuna.trial.Trial]) 
 
     for t in trials:
         with contextlib.suppress(UpdateFinishedTrialError):
-            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            _fail_interrupted(study._storage, t._trial_id)
 
 
 @contextlib.contextmanager
@@ -457,8 +462,7 @@ def fail_interrupted_trials(study: optuna.Study) -> int:
     """Mark trials left RUNNING (or WAITING with params) by a killed process FAILED; return how many."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _fail_interrupted(study._storage, t._trial_id)
         n += 1
     if n:
         log.warning("study %s: marked %d trial(s) left RUNNING by an interrupted process FAILED",
