@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,8 +13,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.paths import CONF_DIR
-from robustsweep.core.schema import register_configs
+from robustsweep.core.paths import (
+    CONF_DIR,
+    install_log_redaction,
+    redact_file,
+    redact_url,
+    redacted_std_streams,
+)
+from robustsweep.core.schema import LAUNCH_ENV, register_configs
 
 log = logging.getLogger("robustsweep")
 
@@ -21,6 +29,9 @@ log = logging.getLogger("robustsweep")
 def _task(cfg: DictConfig) -> dict[str, float]:
     from robustsweep.pipeline import run
 
+    # Joblib and submitit workers import this function, not main(): the job's process starts here.
+    install_log_redaction()
+    _redact_hydra_files()
     try:
         return run(cfg)
     except ConfigError as e:
@@ -42,9 +53,37 @@ class JobExitError(RuntimeError):
     """A job of a multirun called ``sys.exit`` with a failure code."""
 
 
+def _redact_hydra_files() -> None:
+    """Hydra wrote the job's ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` just before
+    calling the task (``hydra.core.utils.run_job``), with any password in ``tracking.uri`` or
+    ``search.storage`` in clear: rewrite them redacted. Also the sweep's ``multirun.yaml``, for a sweeper
+    that does not redact it itself (Hydra's basic one); atomic, so parallel workers may both do it."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    files = []
+    if hc.output_subdir is not None:
+        folder = Path(hc.runtime.output_dir) / hc.output_subdir
+        files += [folder / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hc.mode == RunMode.MULTIRUN:
+        files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    for path in files:
+        redact_file(path)
+
+
 def main() -> None:
+    os.environ.pop(LAUNCH_ENV, None)  # a new command: its own run/sweep folder (an inherited id is a parent's)
+    install_log_redaction()
     register_configs()
-    _task()
+    try:
+        with redacted_std_streams():  # Hydra prints errors and tracebacks to stderr, not through logging
+            _task()
+    except SystemExit as e:
+        # A message given to SystemExit (the failed cells and their overrides) is printed by Python
+        # once main() has returned and the streams are restored: redact it here.
+        if isinstance(e.code, str):
+            e.code = redact_url(e.code)
+        raise
 
 
 if __name__ == "__main__":

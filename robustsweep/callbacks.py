@@ -34,6 +34,11 @@ def check_launcher(config: DictConfig) -> None:
 
     launcher = config.hydra.get("launcher") or {}
     target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        n_jobs, cpus = launcher.get("n_jobs"), os.cpu_count() or 1
+        if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0 or cpus + 1 + n_jobs < 1:
+            raise ConfigError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid; allowed: a number of worker "
+                              f"processes >= 1, or -1 for one per CPU ({cpus} here), -2 for all but one, ...")
     if target.endswith("SlurmLauncher"):
         if not launcher.get("partition"):
             raise ConfigError(f"hydra.launcher.partition={launcher.get('partition')!r} is not valid; allowed: "
@@ -66,8 +71,6 @@ class Preflight(Callback):
 
 class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from robustsweep.summary import SummaryError, write_summary
-        from robustsweep.tracking import crosscheck, store
         from robustsweep.tracking import sweep as sw
 
         report = Path(config.hydra.sweep.dir) / "sweep_status.json"
@@ -75,26 +78,78 @@ class SweepSummaryCallback(Callback):
         if not report.is_file() or not parent:
             return  # not swept by the validating sweeper (e.g. another sweeper): nothing to do
         info = json.loads(report.read_text())
-        store.setup(config)
-        client = store.Client()
-        flagged = crosscheck.check_sweep(client, parent, float(config.checks.tol))
-        client.log_metric(parent, "n_suspect_eps", len(flagged))
-        # Staged in the sweep's own folder (it stays there, beside the jobs' folders), then logged.
-        out = Path(config.hydra.sweep.dir) / "summary"
+        client = None
         try:
-            cells = write_summary(client, parent, out)
-            client.log_artifacts(parent, str(out), "summary")
-            log.info("sweep summary of %d cells logged to parent run %s", len(cells), parent)
-        except SummaryError as e:
-            log.warning("no summary: %s", e)
+            client, problems = self._summarise(config, parent)
+        except KeyboardInterrupt:  # Ctrl-C while the summary is written: the parent is KILLED, not RUNNING
+            _close(client, config, parent, "KILLED", "interrupted during the sweep summary")
+            log.error("sweep interrupted while its summary was written: the cells are in the store; parent run "
+                      "%s marked KILLED (python -m robustsweep.report --parent-run-id %s writes the summary "
+                      "again)", parent, parent)
+            raise SystemExit(130) from None
         failures = info["failures"]
-        client.set_terminated(parent, "FAILED" if failures else "FINISHED")
-        os.environ.pop(sw.PARENT_ENV, None)
-        log.info("sweep done: %d cells, %d skipped (already FINISHED), %d ran, %d failed",
-                 info["n_cells"], info["skipped"], info["ran"], len(failures))
-        if failures:
-            lines = "\n".join(f"  [{' '.join(f['overrides'])}]: {f['error']}" for f in failures)
+        status = "FAILED" if failures or problems else "FINISHED"
+        _close(client, config, parent, status, "; ".join(problems))
+        n = info["n_cells"]
+        log.info("sweep done: %d cell%s, %d skipped (already FINISHED), %d ran, %d failed",
+                 n, "" if n == 1 else "s", info["skipped"], info["ran"], len(failures))
+        if failures or problems:
+            lines = "\n".join([*(f"  [{' '.join(f['overrides'])}]: {f['error']}" for f in failures),
+                               *(f"  {p}" for p in problems)])
             # Hydra turns exceptions from callbacks into warnings; SystemExit gets through, so
             # the command exits 1 with this message on stderr.
-            raise SystemExit(f"{len(failures)} of {info['ran']} cells failed (recorded as FAILED "
-                             f"runs under parent {parent}):\n{lines}")
+            raise SystemExit(f"{len(failures)} of {info['ran']} cells failed"
+                             + (f" and {len(problems)} problem(s) at the end of the sweep" if problems else "")
+                             + f" (parent run {parent} marked FAILED):\n{lines}")
+
+    @staticmethod
+    def _summarise(config: DictConfig, parent: str) -> tuple[Any, list[str]]:
+        """Cross-sweep checks and the summary figures on the parent; what went wrong, as lines (a disk
+        that fills or turns read-only at the end of a sweep fails the sweep, not only a warning)."""
+        from robustsweep.core.paths import redact_url
+        from robustsweep.summary import SummaryError, write_summary
+        from robustsweep.tracking import crosscheck, store
+
+        problems: list[str] = []
+        try:
+            store.setup(config)
+            client = store.Client()
+        except Exception as e:
+            why = redact_url(f"{type(e).__name__}: {e}")
+            return None, [f"the store cannot be reached to close the sweep: {why}"]
+        try:
+            flagged = crosscheck.check_sweep(client, parent, float(config.checks.tol))
+            client.log_metric(parent, "n_suspect_eps", len(flagged))
+            # Staged in the sweep's own folder (it stays there, beside the jobs' folders), then logged.
+            out = Path(config.hydra.sweep.dir) / "summary"
+            cells = write_summary(client, parent, out)
+            client.log_artifacts(parent, str(out), "summary")
+            log.info("sweep summary of %d cell%s logged to parent run %s", len(cells),
+                     "" if len(cells) == 1 else "s", parent)
+        except SummaryError as e:
+            log.warning("no summary: %s", e)
+        except Exception as e:  # a full or read-only disk, the store gone: said, and the sweep FAILED
+            why = redact_url(f"{type(e).__name__}: {e}")
+            problems.append(f"the sweep summary could not be written: {why}")
+            log.error("%s", problems[-1])
+        return client, problems
+
+
+def _close(client: Any, config: DictConfig, parent: str, status: str, why: str) -> None:
+    """Close the sweep's parent run with ``status`` (and ``why`` as its error tag); never raises."""
+    import contextlib
+
+    from robustsweep.tracking import store
+    from robustsweep.tracking import sweep as sw
+
+    os.environ.pop(sw.PARENT_ENV, None)
+    try:
+        if client is None:
+            store.setup(config)
+            client = store.Client()
+        if why:
+            client.set_tag(parent, sw.ERROR_TAG, why[:4000])
+        client.set_terminated(parent, status)
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            log.error("could not mark parent run %s %s: %s", parent, status, e)

@@ -46,7 +46,7 @@ from optuna.samplers._base import _process_constraints_after_trial
 from optuna.trial import FrozenTrial, TrialState
 
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.paths import redact_url
+from robustsweep.core.paths import is_masked, redact_url, with_db_driver
 from robustsweep.core.schema import Criterion as _CriterionName
 from robustsweep.core.schema import Sampler as _SamplerName
 
@@ -351,12 +351,17 @@ def open_storage(url: str | None, default: Path, heartbeat_interval: int | None 
     """``None`` -> a JournalStorage file at ``default`` (safe with several worker processes);
     ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` -> RDBStorage, with Optuna's heartbeat
     when ``heartbeat_interval`` is given (stale trials: ``fail_stale``); any other string is a
-    journal file path (``journal:`` prefix optional). Raises ConfigError naming ``search.storage``."""
+    journal file path (``journal:`` prefix optional). A bare ``postgresql://`` gets the installed
+    driver (``with_db_driver``). Raises ConfigError naming ``search.storage``."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    if url and is_masked(url):  # copied from `server env` without --show-secrets: say so, not "wrong password"
+        raise ConfigError(f"search.storage={redact_url(url)!r}: its password is masked (***); allowed: the "
+                          f"real URL, e.g. exported by eval \"$(python -m robustsweep.tracking.server env "
+                          f"--show-secrets)\"")
     try:
         if url and "://" in url and not url.startswith("journal:"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+            return optuna.storages.RDBStorage(with_db_driver(url), engine_kwargs={"pool_pre_ping": True},
                                               heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         path = Path(url.removeprefix("journal:")) if url else default
         path.parent.mkdir(parents=True, exist_ok=True)

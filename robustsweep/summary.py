@@ -75,11 +75,17 @@ def wilson(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
 
 
 def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
-    """One dict per FINISHED child run: key params (typed), metrics, run id."""
+    """One dict per cell (its newest FINISHED child run, should a cell have several, e.g. with
+    ``tracking.resume=false``): key params (typed), metrics, run id."""
     from robustsweep.tracking.sweep import finished_children
 
     cells = []
-    for r in finished_children(client, parent_run_id):
+    seen: set[str] = set()
+    for r in sorted(finished_children(client, parent_run_id), key=lambda r: -(r.info.start_time or 0)):
+        cid = r.data.tags.get("robustsweep.cell_id", "")
+        if cid and cid in seen:
+            continue
+        seen.add(cid)
         p, m = r.data.params, r.data.metrics
         cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", ""),
                 "suspect": r.data.tags.get("suspect", "")}

@@ -3,8 +3,11 @@
 ``+hydra.callbacks.faults._target_=tests.faults.Faults`` registers attack ``fault``: FGSM, except
 that at ``attack.fault_eps`` it performs the fault named by the environment variable
 ``ROBUSTSWEEP_TEST_FAULT`` in the middle of the cell (after its MLflow run started): raise | exit |
-interrupt (SIGINT to itself, as Ctrl-C) | kill (SIGKILL to itself). The environment, not the
-config, chooses the fault, so a relaunch without it has the same cells.
+interrupt (SIGINT to itself, as Ctrl-C) | kill (SIGKILL to itself) | hang (sleeps 300 s: a cell
+that is still computing when its launcher is killed) | slow (sleeps 10 s: a cell others wait for).
+At the end of a multirun, ``summary_oserror`` and ``summary_interrupt`` make the sweep summary fail
+(a full disk) or be interrupted (Ctrl-C). The environment, not the config, chooses the fault, so a
+relaunch without it has the same cells.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -37,9 +41,27 @@ def fault(model: Any, eps: float, fault_eps: float = -1.0, **_: object):
                 os.kill(os.getpid(), signal.SIGINT)
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "hang":
+                time.sleep(300)
+            if fault == "slow":
+                time.sleep(10)
         return inner(x, y)
     return attack
 
 
 class Faults(Callback):
-    """Importing this module is the point: it registers the attack in every Hydra process."""
+    """Importing this module registers the attack in every Hydra process. Hydra calls the ``*_end``
+    callbacks in reverse order, so this one (added last) runs before the sweep summary's."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        import robustsweep.summary
+
+        fault = os.environ.get("ROBUSTSWEEP_TEST_FAULT", "")
+
+        def broken(*args: Any, **kw: Any) -> Any:
+            if fault == "summary_oserror":
+                raise OSError(28, "No space left on device")
+            raise KeyboardInterrupt
+
+        if fault in ("summary_oserror", "summary_interrupt"):
+            robustsweep.summary.write_summary = broken

@@ -23,8 +23,10 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,12 +207,20 @@ class OptunaSweeperImpl(Sweeper):
         name = s["study_name"] or _default_study_name(plan)
         sampler = build_sampler(s["sampler"], plan["param"] if crit else None,
                                 constrained=crit is not None, tol=s["tol"], seed=s["seed"])
-        try:
-            study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                        direction=s["direction"], load_if_exists=True)
-        except Exception as e:
-            raise ConfigError(f"search.storage={redact_url(str(s['storage']))!r}: cannot create or load study "
-                              f"{name!r} ({type(e).__name__}: {redact_url(str(e))})") from None
+        for attempt in range(4):
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                            direction=s["direction"], load_if_exists=True)
+                break
+            except Exception as e:
+                # Two launchers opening one new study (or database) at once race in Optuna's schema
+                # and study creation; the loser finds everything there when it tries again.
+                if attempt < 3:
+                    time.sleep(0.5 + random.random())
+                    storage = open_storage(s["storage"], default, s["heartbeat_interval"], s["grace_period"])
+                    continue
+                raise ConfigError(f"search.storage={redact_url(str(s['storage']))!r}: cannot create or load "
+                                  f"study {name!r} ({type(e).__name__}: {redact_url(str(e))})") from None
         spec = {"objective": s["objective"], "direction": s["direction"], "criterion": s["criterion"],
                 "delta": s["delta"] if crit else None, "delta_acc": s["delta_acc"] if crit else None,
                 "param": plan["param"] if crit else None, "reference": s["reference"] if crit else None,
@@ -233,16 +243,19 @@ class OptunaSweeperImpl(Sweeper):
     def _run(self, plan: dict[str, Any], study: Any) -> list[Sequence[JobReturn]]:
         from optuna.trial import TrialState
 
+        from robustsweep.core import process
         from robustsweep.core.paths import redact_url
         from robustsweep.search import INTERRUPTED_ATTR, ROLE_ATTR, fail_stale
         from robustsweep.tracking import store as tracking
         from robustsweep.tracking import sweep as sw
+        from robustsweep.tracking.cellrun import LAUNCHER_ENV
 
         assert self.config is not None
         s, crit, param, space = plan["s"], plan["crit"], plan["param"], plan["space"]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # redacted: a password in search.storage or tracking.uri must not land in a file
+        (sweep_dir / "multirun.yaml").write_text(redact_url(OmegaConf.to_yaml(self.config)))
 
         experiment_id = tracking.setup(plan["ref_cfg"])
         client = tracking.Client()
@@ -255,6 +268,7 @@ class OptunaSweeperImpl(Sweeper):
                   "robustsweep.search": json.dumps({k: v for k, v in s.items() if k != "storage"})})
         os.environ[sw.PARENT_ENV] = parent
         os.environ[sw.STUDY_ENV] = study.study_name
+        os.environ[LAUNCHER_ENV] = process.identity()  # worker processes stop when this one is gone
         self.plan, self.study, self.client, self.parent = plan, study, client, parent
 
         def counted() -> list[Any]:
@@ -305,6 +319,7 @@ class OptunaSweeperImpl(Sweeper):
         from optuna.trial import TrialState
 
         from robustsweep.config import ConfigError
+        from robustsweep.core.paths import redact_url
         from robustsweep.search import ROLE_ATTR, heartbeats, is_safe, mark_interrupted, record_constraints
         from robustsweep.tracking import sweep as sw
 
@@ -315,10 +330,11 @@ class OptunaSweeperImpl(Sweeper):
         try:
             self._validate([j[:-1] for j in jobs])
         except ConfigError as e:  # a sampled value the corner checks could not foresee
+            # redacted: user attrs are stored in the study (trials.csv, optuna-dashboard), failures logged
             for t in trials:
-                t.set_user_attr("error", str(e)[:1000])
+                t.set_user_attr("error", redact_url(str(e))[:1000])
                 study.tell(t, state=TrialState.FAIL)
-            failures.append(str(e))
+            failures.append(redact_url(str(e)))
             return []
         try:
             with heartbeats(study, trials):  # other launchers on this study see them alive
@@ -335,7 +351,7 @@ class OptunaSweeperImpl(Sweeper):
             if not isinstance(metrics, dict):
                 err = r._return_value if r.status == JobStatus.FAILED else "the job returned no metrics"
                 kind = f"{type(err).__name__}: " if isinstance(err, BaseException) else ""
-                msg = f"trial {t.number} [{desc}]: {kind}{err}"
+                msg = redact_url(f"trial {t.number} [{desc}]: {kind}{err}")  # a driver's error may quote a URL
                 failures.append(msg)
                 t.set_user_attr("error", msg[:1000])
                 study.tell(t, state=TrialState.FAIL)
@@ -358,7 +374,7 @@ class OptunaSweeperImpl(Sweeper):
                 if t.user_attrs.get(ROLE_ATTR) == "reference":
                     study.set_user_attr("reference", {k: float(metrics[k]) for k in
                                                       ("asr", "robust_acc", "clean_acc") if k in metrics})
-                cons = crit.constraints(metrics, study.user_attrs["reference"])
+                cons = crit.constraints(metrics, self._wait_for_reference())
                 record_constraints(t, cons, crit)
                 verdict = (f" -> {'safe' if is_safe(cons) else 'UNSAFE'} ({crit.metric} margin "
                            f"{cons[0]:+.3f}, clean margin {cons[1]:+.3f})")
@@ -371,6 +387,30 @@ class OptunaSweeperImpl(Sweeper):
         return results
 
     # ------------------------------------------------------------------ results and parent
+    def _wait_for_reference(self) -> dict[str, float]:
+        """The dense reference's metrics; when another launcher on this study is still computing the
+        reference trial, wait for it (a line every ~10 s) instead of judging against nothing."""
+        from optuna.trial import TrialState
+
+        from robustsweep.search import ROLE_ATTR, fail_stale
+
+        said = time.monotonic()
+        while (ref := self.study.user_attrs.get("reference")) is None:
+            fail_stale(self.study)  # that launcher may have died meanwhile
+            pending = [t for t in self.study.get_trials(deepcopy=False)
+                       if t.user_attrs.get(ROLE_ATTR) == "reference"
+                       and t.state in (TrialState.RUNNING, TrialState.WAITING)]
+            if not pending:
+                self._finish("FAILED")
+                raise SearchError("the dense reference trial of this study failed in another launcher, so no "
+                                  "trial can be judged; relaunch to compute it again")
+            if time.monotonic() - said > 10:
+                log.info("waiting for the dense reference (trial %d, run by another launcher on this study)",
+                         pending[0].number)
+                said = time.monotonic()
+            time.sleep(2)
+        return ref
+
     def _reference_metrics(self) -> dict[str, float] | None:
         return self.study.user_attrs.get("reference") if self.plan["crit"] is not None else None
 

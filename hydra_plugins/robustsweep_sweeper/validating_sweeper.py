@@ -69,9 +69,11 @@ class ValidatingSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from concurrent.futures.process import BrokenProcessPool  # loky's TerminatedWorkerError is one
 
+        from robustsweep.core import process
         from robustsweep.core.paths import redact_url
         from robustsweep.tracking import store
         from robustsweep.tracking import sweep as sw
+        from robustsweep.tracking.cellrun import LAUNCHER_ENV
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -83,7 +85,8 @@ class ValidatingSweeper(BasicSweeper):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # redacted: a password in tracking.uri or search.storage must not land in a file
+        (sweep_dir / "multirun.yaml").write_text(redact_url(OmegaConf.to_yaml(self.config)))
 
         experiment_id = store.setup(cfgs[0])
         client = store.Client()
@@ -103,6 +106,8 @@ class ValidatingSweeper(BasicSweeper):
             tags={"hydra.sweep.dir": str(sweep_dir), "hydra.overrides": shown,
                   "robustsweep.n_cells": str(len(jobs)), "robustsweep.skipped": str(skipped)})
         os.environ[sw.PARENT_ENV] = parent
+        # worker processes (joblib, submitit_local) watch this process and stop when it is gone
+        os.environ[LAUNCHER_ENV] = process.identity()
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
         if isinstance(self.launcher, BasicLauncher):  # in-process: reuse the composed configs
@@ -122,7 +127,8 @@ class ValidatingSweeper(BasicSweeper):
                 for job, r in zip(batch, results, strict=True):
                     if r.status == JobStatus.FAILED:
                         err = r._return_value  # the exception; .return_value would re-raise it
-                        failures.append({"overrides": list(job), "error": f"{type(err).__name__}: {err}"})
+                        failures.append({"overrides": [redact_url(o) for o in job],
+                                         "error": redact_url(f"{type(err).__name__}: {err}")})
                 returns.append(results)
         except (KeyboardInterrupt, SystemExit) as e:
             self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
@@ -149,6 +155,7 @@ class ValidatingSweeper(BasicSweeper):
         FAILED by its own run context; cells whose worker process died (and the pool's other workers,
         which joblib terminates and waits for before raising) are marked FAILED here. A relaunch of
         the same command runs exactly what is missing."""
+        from robustsweep.core.paths import redact_url
         from robustsweep.tracking import sweep as sw
 
         interrupted = isinstance(e, KeyboardInterrupt | SystemExit)
@@ -158,7 +165,7 @@ class ValidatingSweeper(BasicSweeper):
             log.error("the launcher failed (%s); %d cell run(s) left RUNNING by its workers marked FAILED",
                       why, n)
         now = {i for i, c in enumerate(cfgs) if sw.finished_run(client, experiment_id, c)}
-        not_done = [" ".join(j) for i, j in enumerate(jobs) if i not in now]
+        not_done = [redact_url(" ".join(j)) for i, j in enumerate(jobs) if i not in now]
         client.set_tag(parent, sw.ERROR_TAG, f"interrupted by {type(e).__name__}")
         client.set_terminated(parent, "KILLED")
         (sweep_dir / "sweep_status.json").write_text(json.dumps(

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,12 +140,55 @@ def load_state(path: Path, expected_sha256: str | None = None) -> dict[str, torc
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors/pickle errors have no common base class
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    return _state_dict_of(obj, path)
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded ``.pt`` object: a state dict, or one under a trainer's usual key."""
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
     return obj
+
+
+# (path, size, mtime) of files check_checkpoint accepted: validate() runs once per sweep job
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a loadable checkpoint, without reading its weights.
+
+    What ``load_state`` will do later, minus the tensor data: a ``.safetensors`` file's header is
+    parsed (names, dtypes, shapes, offsets: a few KB, however large the file); a ``.pt`` file is
+    unpickled weights-only with its storages memory-mapped, so nothing but the pickle is read. A
+    ``.pt`` in torch's legacy (pre-1.6, non-zip) format cannot be mapped and is loaded whole, once
+    here and once by the run: such files are old and small in practice."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    st = path.stat()
+    seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if seen in _CHECKED:
+        return
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+            if not names:
+                raise CheckpointError(f"checkpoint {path} holds no tensors")
+        else:
+            with _env_without("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+                obj = torch.load(path, map_location="cpu", weights_only=True,
+                                 mmap=zipfile.is_zipfile(path))
+            _state_dict_of(obj, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/pickle errors have no common base class
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    _CHECKED.add(seen)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -10,11 +10,14 @@ name a registered plug-in (``name:``/``method:``) or any importable callable (``
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 # Fine-tuning after compression lived in prune.* until the `defend` group replaced it. The old
 # keys stay accepted (robustsweep.config normalises them into `defend` with a deprecation warning,
@@ -139,9 +142,27 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+LAUNCH_ENV = "ROBUSTSWEEP_LAUNCH_ID"
+
+
+def launch_id() -> str:
+    """``${launch_id:}`` in Hydra's run and sweep folders: the launching process's pid and 4 random hex
+    digits. Folders named to the second alone collided when two commands started in the same second
+    (two sweeps then staged their jobs' files in one folder). Chosen once per launch and kept in the
+    environment, so every job of a sweep, in this process or a worker process it starts (joblib,
+    submitit), names the same folder; the CLI's ``main()`` forgets an inherited one, so each command
+    gets its own."""
+    if not os.environ.get(LAUNCH_ENV):
+        os.environ[LAUNCH_ENV] = f"{os.getpid()}-{secrets.token_hex(2)}"
+    return os.environ[LAUNCH_ENV]
+
+
 def register_configs() -> None:
-    """Register the schema (idempotent; Hydra's ConfigStore replaces same-named nodes)."""
+    """Register the schema and the ``launch_id`` resolver (idempotent; Hydra's ConfigStore replaces
+    same-named nodes)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("launch_id"):
+        OmegaConf.register_new_resolver("launch_id", launch_id, use_cache=True)
 
 
 register_configs()

@@ -31,8 +31,9 @@ not an L-inf attack: the guard checks the ball in that norm).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -290,6 +291,24 @@ def build_attack(model: nn.Module, eps: float, cfg: DictConfig | dict, *, n_clas
     return fn(model, eps=eps, **kwargs)
 
 
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's own train/eval flag put back on exit, exactly as it was (also on an error).
+
+    ``frozen`` puts back the flag of ``model`` alone, with ``model.train(flag)``, which gives every
+    submodule that same flag. A model whose modules disagree came back changed: the perf.amp=bf16
+    ``Autocast`` wrapper (built in train mode around the eval-mode compressed model) returned it
+    with BatchNorm in train mode, normalising by batch statistics in every later forward of the
+    shared model (issue 32); so did a model fine-tuned with BatchNorm held in eval. The flag is
+    set, not ``train()``-ed, so that no module's children are touched."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, x_images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Class predictions for uint8 (or float [0, 1]) images, in batches."""
@@ -346,8 +365,10 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
     ``x_images``: uint8 (0..255) or float in [0, 1]; anything else is refused by ``predict``,
     before any image is attacked. ``clean_pred``: this model's predictions on these images, if
     already known. ``direction``: for ``FGSM``, the int8 signs of an earlier evaluation of the same
-    model and images (``EvalResult.direction``), so that another eps costs no gradient."""
-    with frozen(model):
+    model and images (``EvalResult.direction``), so that another eps costs no gradient.
+
+    ``model`` comes back as it came: its weights and statistics, and each module's mode."""
+    with modes_kept(model), frozen(model):
         if clean_pred is None:
             clean_pred = predict(model, x_images, batch_size)
         correct_idx = (clean_pred == y).nonzero().flatten()

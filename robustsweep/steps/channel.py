@@ -27,14 +27,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from robustsweep.core.params import check, positive_int
-from robustsweep.steps.data import shape_hint
-from robustsweep.steps.models import build_net
+from robustsweep.steps.models import meta_model
 from robustsweep.steps.prune import LAYER_TYPES, STRUCTURAL, register_prune
 
 log = logging.getLogger(__name__)
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
-_SMALLEST: dict[str, int] = {}  # model probe -> its smallest prunable conv's output channels
 
 
 def _convs(model: nn.Module, exclude: list[str]) -> list[tuple[str, nn.Module]]:
@@ -60,16 +58,19 @@ def _check_channel(node: DictConfig, cfg: DictConfig) -> None:
     positive_int(cfg, "prune.n_calib")
     check(list(node.get("layers") or ["conv"]) == ["conv"], "prune.layers", list(node.get("layers") or []),
           "[conv] (prune=channel removes convolution output channels; a linear head's outputs are classes)")
-    c, size, k = shape_hint(cfg.data)
     exclude = list(node.get("exclude") or [])
-    probe = repr((dict(cfg.model), c, size, k, exclude))
-    if probe not in _SMALLEST:
-        with torch.device("meta"):
-            counts = channel_counts(build_net(cfg.model, c, k, size), exclude)
-        _SMALLEST[probe] = min(counts.values()) if counts else 0
-    smallest = _SMALLEST[probe]
-    check(smallest > 0, "prune", "channel", f"a model with convolutions to prune (model="
-          f"{cfg.model.get('name')!r} has none outside prune.exclude)")
+    # The wrapped model, as remove_channels sees it: exclude patterns match its names (net.0).
+    model = meta_model(cfg)
+    counts = channel_counts(model, exclude)
+    if not counts:
+        convs = list(channel_counts(model))
+        check(not convs, "prune.exclude", exclude,
+              f"module-name patterns that leave some of the {len(convs)} convolutions "
+              f"({', '.join(convs[:4])}{', ...' if len(convs) > 4 else ''}) unexcluded: these exclude "
+              f"every one, so prune=channel would remove nothing")
+        check(False, "prune", "channel", f"a model with convolutions to prune (model="
+              f"{cfg.model.get('name')!r} has none)")
+    smallest = min(counts.values())
     if cfg.sparsity > 0:
         top = 1 - 1 / smallest
         check(kept(smallest, cfg.sparsity) >= 1, "sparsity", cfg.sparsity,

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from robustsweep.core.guards import state_tensors
+from robustsweep.steps.attacks import modes_kept
 from robustsweep.steps.quantize import twin_mode
 
 log = logging.getLogger(__name__)
@@ -115,18 +116,19 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device
     cfg = cfg or DictConfig({})
     total, nonzero = count_params(model)
     size, zipped = size_bytes(model)
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    x = {b: torch.rand((b, *image_shape), generator=gen).to(device) for b in LATENCY_BATCHES}
-    out = {"params_total": float(total), "params_nonzero": float(nonzero), "size_mb": size / 1e6,
-           "size_mb_zipped": zipped / 1e6, "flops": float(count_flops(model, x[1]))}
-    if cfg.get("latency", True):
-        for b in LATENCY_BATCHES:
-            out[f"latency_ms_b{b}"] = latency_ms(model, x[b], int(cfg.get("warmup", 3)),
-                                                 int(cfg.get("min_repeats", 10)),
-                                                 float(cfg.get("min_seconds", 0.2)))
-    model.train(was_training)
+    # each module's own mode back afterwards: model.train(was_training) would give all of them
+    # the root's (a model fine-tuned with BatchNorm held in eval came back with it in train mode)
+    with modes_kept(model):
+        model.eval()
+        gen = torch.Generator().manual_seed(0)
+        x = {b: torch.rand((b, *image_shape), generator=gen).to(device) for b in LATENCY_BATCHES}
+        out = {"params_total": float(total), "params_nonzero": float(nonzero), "size_mb": size / 1e6,
+               "size_mb_zipped": zipped / 1e6, "flops": float(count_flops(model, x[1]))}
+        if cfg.get("latency", True):
+            for b in LATENCY_BATCHES:
+                out[f"latency_ms_b{b}"] = latency_ms(model, x[b], int(cfg.get("warmup", 3)),
+                                                     int(cfg.get("min_repeats", 10)),
+                                                     float(cfg.get("min_seconds", 0.2)))
     log.info("efficiency: %d params (%d nonzero), %.3f MB (%.3f MB zipped), %.3g FLOPs/image%s",
              total, nonzero, out["size_mb"], out["size_mb_zipped"], out["flops"],
              "".join(f", {out[f'latency_ms_b{b}']:.2f} ms at batch {b}" for b in LATENCY_BATCHES

@@ -18,14 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustsweep.core.checkpoint import CheckpointError, check_checkpoint
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check
 from robustsweep.core.paths import resolve_path
 from robustsweep.core.registry import TARGET, Registry
-from robustsweep.steps.data import shape_hint
+from robustsweep.steps.data import exact_shape, shape_hint
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
@@ -187,29 +188,77 @@ def count_parameters(model: nn.Module) -> int:
 
 
 _PROBED: set[str] = set()  # _target_ models already built once by check_model_config
+_META: dict[str, Normalized] = {}  # config probe -> the wrapped network on the meta device
+
+
+def meta_model(cfg: DictConfig) -> Normalized:
+    """The cell's network as the run builds it, wrapped (module names ``net.*``, as
+    ``prune.exclude`` patterns match them at run time), on PyTorch's ``meta`` device: names and
+    shapes for validation, no memory and no time. Built for the data's shape hint, once per process."""
+    c, size, k = shape_hint(cfg.data)
+    probe = repr((OmegaConf.to_container(cfg.model, resolve=True), c, size, k))
+    if probe not in _META:
+        with torch.device("meta"):
+            _META[probe] = build_model(cfg.model, c, k, size, mean=(0.0,) * c, std=(1.0,) * c)
+    return _META[probe]
 
 
 def check_model_config(node: DictConfig, cfg: DictConfig) -> None:
     """``model.*`` before anything runs: a known name or an importable ``_target_`` that really
-    builds an ``nn.Module`` (built once per process, on the CPU, for the data's shape), and an
-    existing ``model.checkpoint``."""
+    builds an ``nn.Module`` (built once per process, on the meta device, for the data's shape)
+    whose output is one logit per class, and a ``model.checkpoint`` that exists and is loadable."""
     MODELS.validate(node, cfg)
     ckpt = node.get("checkpoint")
     if ckpt:
         path = resolve_path(ckpt)
         check(path.is_file(), "model.checkpoint", str(ckpt),
               f"an existing .safetensors/.pt file (looked for {path})")
+        try:
+            check_checkpoint(path)
+        except CheckpointError as e:
+            raise ConfigError(f"model.checkpoint={str(ckpt)!r} is not a loadable checkpoint ({e}); allowed: "
+                              f"a safetensors file or a weights-only .pt state dict") from e
     if node.get(TARGET):
         c, size, k = shape_hint(cfg.data)
-        probe = repr((MODELS.kwargs(node), c, size, k, node.get(TARGET)))
+        probe = repr((MODELS.kwargs(node), c, size, k, node.get(TARGET), exact_shape(cfg.data)))
         if probe not in _PROBED:
             try:
                 with torch.device("meta"):  # shapes only: no memory, no time for big networks
-                    build_net(node, c, k, size)
+                    net = build_net(node, c, k, size)
             except ConfigError:
                 raise
             except Exception as e:
                 raise ConfigError(f"model.{TARGET}={node.get(TARGET)!r} failed to build the network "
                                   f"({type(e).__name__}: {e}); allowed: a callable that returns an "
                                   f"nn.Module") from e
+            if exact_shape(cfg.data) is not None:
+                _check_logits(node, net, c, size, k)
             _PROBED.add(probe)
+
+
+def _check_logits(node: DictConfig, net: nn.Module, c: int, size: int, k: int) -> None:
+    """A ``_target_`` network maps a batch of the data's images to one logit per class.
+
+    Checked by a forward pass of two images on the meta device (shapes only). An operation with no
+    meta kernel (data-dependent shapes, ``.item()``) fails there: then the network is built on the
+    CPU and run on two black images (with the RNG state restored, so validation draws nothing)."""
+    def forward(net: nn.Module, device: str) -> Any:
+        with torch.inference_mode():
+            return net.eval()(torch.zeros(2, c, size, size, device=device))
+
+    target = node.get(TARGET)
+    try:
+        out = forward(net, "meta")
+    except Exception:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                out = forward(build_net(node, c, k, size), "cpu")
+        except Exception as e:
+            raise ConfigError(f"model.{TARGET}={target!r} fails on a batch of the data's images of shape "
+                              f"(2, {c}, {size}, {size}) ({type(e).__name__}: {e}); allowed: a network "
+                              f"that maps (N, {c}, {size}, {size}) images in [0, 1] to (N, {k}) logits") from e
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, k):
+        raise ConfigError(f"model.{TARGET}={target!r} returns {shape} for a batch of the data's images "
+                          f"of shape (2, {c}, {size}, {size}), the data has {k} classes; allowed: a "
+                          f"network that returns (N, {k}) logits, one per class")

@@ -29,6 +29,7 @@ from torch.nn.utils import prune
 
 from robustsweep.core.params import check
 from robustsweep.core.registry import Registry
+from robustsweep.steps.models import meta_model
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,26 @@ def select_targets(model: nn.Module, layers: Sequence[str], exclude: Sequence[st
 
 
 def check_prune_config(node: DictConfig, cfg: DictConfig) -> None:
-    """``prune.*``: a known method (or ``_target_``) and layer types."""
+    """``prune.*``: a known method (or ``_target_``), layer types, and ``layers``/``exclude`` that
+    leave the model something to prune (``prune=channel`` checks its own, in channel.py)."""
     PRUNE_METHODS.validate(node, cfg)
     layers = list(node.get("layers") or [])
     bad = set(layers) - set(LAYER_TYPES)
     check(not bad and len(layers) > 0, "prune.layers", layers,
           f"a non-empty subset of [{', '.join(LAYER_TYPES)}]")
+    if not node.get("_target_") and (node.get("method") == "none" or node.get("method") in STRUCTURAL):
+        return
+    # Matched against the model as the run prunes it (names net.*), built on the meta device.
+    model = meta_model(cfg)
+    exclude = list(node.get("exclude") or [])
+    if not select_targets(model, layers, exclude, PRUNE_METHODS.name_of(node)):
+        whole = select_targets(model, layers, (), PRUNE_METHODS.name_of(node))
+        if whole:
+            check(False, "prune.exclude", exclude,
+                  f"module-name patterns that leave some of the {len(whole)} prunable layers "
+                  f"({', '.join(n for n, _ in whole[:4])}{', ...' if len(whole) > 4 else ''}) unexcluded: "
+                  f"these exclude every one, so nothing would be pruned")
+        check(False, "prune.layers", layers, f"layer types model={cfg.model.get('name')!r} has")
 
 
 def apply_pruning(model: nn.Module, method: str | DictConfig, amount: float, layers: Sequence[str],

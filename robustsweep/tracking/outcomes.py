@@ -28,7 +28,10 @@ def read_outcomes(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def run_outcomes(client: Any, run_id: str) -> dict[str, np.ndarray]:
-    """The outcomes of one MLflow run (downloaded to a temporary folder)."""
+    """The outcomes of one MLflow run (downloaded to a temporary folder). A run that reuses another's
+    result (tag ``robustsweep.reused_from``: a study trial whose cell another sweep computed) has no
+    artifacts of its own: the original's are read."""
+    run_id = client.get_run(run_id).data.tags.get("robustsweep.reused_from") or run_id
     with tempfile.TemporaryDirectory() as tmp:
         return read_outcomes(client.download_artifacts(run_id, ARTIFACT, tmp))
 

@@ -1,7 +1,7 @@
 """A tracking server for many workers: PostgreSQL and ``mlflow server``, started and stopped as one.
 
     python -m robustsweep.tracking.server start [--dir outputs/server] [--port 5000] [--pg-port 5433]
-    eval "$(python -m robustsweep.tracking.server env)"  # MLFLOW_TRACKING_URI, ROBUSTSWEEP_OPTUNA_STORAGE
+    eval "$(python -m robustsweep.tracking.server env --show-secrets)"  # exports MLFLOW_TRACKING_URI etc.
     python -m robustsweep -m hydra/launcher=joblib hydra.launcher.n_jobs=4 sparsity=0,0.25,0.5,0.75
     python -m robustsweep.tracking.server stop
 
@@ -10,7 +10,8 @@ out"); MLflow and Optuna both support a real database. Everything lives under ``
 
   pgdata/         the PostgreSQL cluster (initdb on first start; reused afterwards)
   socket/         its Unix socket (mode 700); TCP on 127.0.0.1 only, password (SCRAM) required
-  credentials     a generated password (mode 600), never printed, redacted in every message
+  credentials     a generated password (mode 600), redacted in every message; ``env`` prints it only
+                  with --show-secrets (for ``eval``), masked otherwise
   artifacts/      the artifact store behind the server's proxy (workers upload over HTTP)
   server.json     ports and process ids, for ``stop`` and ``env``
   postgres.log, mlflow.log
@@ -43,6 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from robustsweep.core.errors import ConfigError
+from robustsweep.core.paths import install_log_redaction, redact_url
+from robustsweep.core.process import started_at
 
 log = logging.getLogger(__name__)
 ROLE = "robustsweep"
@@ -57,7 +60,7 @@ class State:
     pg_port: int
     mlflow_pid: int
     started_s: float  # seconds start() took
-    mlflow_started_at: str | None = None  # _started_at(mlflow_pid): not some other process after a reboot
+    mlflow_started_at: str | None = None  # started_at(mlflow_pid): not some other process after a reboot
 
     @property
     def tracking_uri(self) -> str:
@@ -117,17 +120,6 @@ def _password(folder: Path) -> str:
             f.write(secrets.token_urlsafe(24))
     path.chmod(0o600)
     return path.read_text().strip()
-
-
-def _started_at(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22) and the boot id: with
-    the pid, what identifies the process we started even after a reboot recycles pids."""
-    try:
-        ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except (OSError, IndexError):
-        return None
-    return f"{boot}:{ticks}"
 
 
 def backend_uri(folder: Path, pg_port: int, db: str = "mlflow") -> str:
@@ -222,7 +214,7 @@ def start(folder: Path, port: int = 5000, pg_port: int = 5433, workers: int = 2)
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(workers), "--artifacts-destination", str(folder / "artifacts")],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    state = State(str(folder), port, pg_port, proc.pid, 0.0, _started_at(proc.pid))
+    state = State(str(folder), port, pg_port, proc.pid, 0.0, started_at(proc.pid))
     (folder / "server.json").write_text(json.dumps(asdict(state)))
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while not _healthy(port):
@@ -283,7 +275,7 @@ def stop(folder: Path, timeout_s: float = 30.0) -> float:
     path = folder / "server.json"
     if path.exists():
         state = State(**json.loads(path.read_text()))
-        if state.mlflow_started_at and _started_at(state.mlflow_pid) != state.mlflow_started_at:
+        if state.mlflow_started_at and started_at(state.mlflow_pid) != state.mlflow_started_at:
             log.info("mlflow server %d is not running any more (a recycled pid is not signalled)",
                      state.mlflow_pid)
         else:
@@ -314,10 +306,14 @@ def _stop_group(pgid: int, timeout_s: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def env_lines(folder: Path) -> str:
-    """Shell exports for workers: the server's URI, and the Optuna storage on the same PostgreSQL."""
+def env_lines(folder: Path, show_secrets: bool = False) -> str:
+    """Shell exports for workers: the server's URI, and the Optuna storage on the same PostgreSQL, its
+    password masked (``***``) unless ``show_secrets``: a terminal, a CI log or a screen share is not
+    where the password belongs, ``eval "$(... env --show-secrets)"`` is."""
     state = load(folder)
     optuna = backend_uri(Path(state.dir), state.pg_port, "optuna")
+    if not show_secrets:
+        optuna = redact_url(optuna)
     return f"export MLFLOW_TRACKING_URI={state.tracking_uri}\nexport ROBUSTSWEEP_OPTUNA_STORAGE='{optuna}'\n"
 
 
@@ -329,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=5000, help="MLflow server port on 127.0.0.1")
     ap.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL port on 127.0.0.1")
     ap.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
+    ap.add_argument("--show-secrets", action="store_true",
+                    help="env: print the database password (for eval); masked as *** otherwise")
     args = ap.parse_args(argv)
+    install_log_redaction()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.action == "start":
@@ -338,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "stop":
             stop(args.dir)
         elif args.action == "env":
-            sys.stdout.write(env_lines(args.dir))
+            sys.stdout.write(env_lines(args.dir, args.show_secrets))
+            if not args.show_secrets:  # a shell comment: harmless under eval, seen by whoever reads it
+                where = "" if args.dir == Path("outputs/server") else f" --dir {args.dir}"
+                sys.stdout.write(f"# password masked; to export it: eval \"$(python -m "
+                                 f"robustsweep.tracking.server env --show-secrets{where})\"\n")
         else:
             state = load(args.dir)
             up = _healthy(state.port)

@@ -50,8 +50,11 @@ def user_env_uri() -> str | None:
 
 def resolve_tracking_uri(uri: str) -> str:
     """``MLFLOW_TRACKING_URI`` if the user set it, else ``uri``; relative sqlite paths and plain
-    folders (the legacy file store) are made absolute against the launch directory."""
-    uri = user_env_uri() or uri
+    folders (the legacy file store) are made absolute against the launch directory; a bare
+    ``postgresql://`` gets the installed driver (``core.paths.with_db_driver``)."""
+    from robustsweep.core.paths import with_db_driver
+
+    uri = with_db_driver(user_env_uri() or uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = resolve_path(uri[len(prefix):])
@@ -120,9 +123,15 @@ def check_reachable(uri: str, key: str, timeout_s: float = 10.0) -> None:
     """A tracking server (http/https) answers ``/health``; a database URL (postgresql, mysql) accepts
     a connection with its credentials. Otherwise ConfigError naming ``key``, the URI with its password
     redacted, and what is allowed: before any job is launched, not one failure per job."""
+    from robustsweep.core.paths import is_masked, with_db_driver
+
+    uri = with_db_driver(uri)
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     shown = redact_url(uri)
     start_one = "start one with `python -m robustsweep.tracking.server start`, or use sqlite:///outputs/mlflow.db"
+    if is_masked(uri):  # copied from `server env` without --show-secrets: say so, not "wrong password"
+        raise ConfigError(f"{key}={shown}: its password is masked (***); allowed: the real URL, e.g. exported "
+                          f"by eval \"$(python -m robustsweep.tracking.server env --show-secrets)\"")
     if scheme in ("http", "https"):
         import urllib.error
         import urllib.request
@@ -158,6 +167,10 @@ def preflight(cfg: DictConfig) -> None:
     """Before any job: the output folder and the store's folder exist, are writable and have
     room; a tracking server or database answers. Raises ConfigError naming the key, instead of a
     traceback mid-sweep."""
+    lease = cfg.tracking.get("lease_s", 60)
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or not 5 <= lease <= 86400:
+        raise ConfigError(f"tracking.lease_s={lease!r} is not valid; allowed: seconds in [5, 86400] after a "
+                          f"cell's last heartbeat before another launcher may take the cell over")
     targets = [("paths.output_dir", resolve_path(cfg.paths.output_dir))]
     uri = resolve_tracking_uri(cfg.tracking.uri)
     key = "MLFLOW_TRACKING_URI" if user_env_uri() else "tracking.uri"
@@ -167,6 +180,14 @@ def preflight(cfg: DictConfig) -> None:
     elif uri not in _REACHED:
         check_reachable(uri, key)
         _REACHED.add(uri)
+    if not user_env_uri() and cfg.tracking.get("artifact_dir") and "://" not in str(cfg.tracking.artifact_dir):
+        targets.append(("tracking.artifact_dir", resolve_path(cfg.tracking.artifact_dir)))
+    _check_writable(targets)
+    if db is None or db.is_file():  # an existing store: where does the experiment keep its artifacts?
+        _check_experiment_artifacts(cfg, uri)
+
+
+def _check_writable(targets: list[tuple[str, Path]]) -> None:
     for key, folder in targets:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -184,6 +205,41 @@ def preflight(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: only {free_mb:.0f} MB free on the disk of {folder}; allowed: "
                               f"a folder with at least {MIN_FREE_MB} MB free (checkpoints, figures, "
                               f"the MLflow store)")
+
+
+_LOCATIONS: set[tuple[str, str]] = set()  # (store, experiment) whose artifact folder this process checked
+
+
+def _check_experiment_artifacts(cfg: DictConfig, uri: str) -> None:
+    """An experiment's artifact location is fixed when it is created: a location that cannot be written
+    (created by an older robustsweep, or by hand) would fail every cell only after it computed. Refuse
+    it now; say so when ``tracking.artifact_dir`` asks for another folder than the experiment uses."""
+    from urllib.parse import unquote, urlparse
+
+    name = str(cfg.tracking.experiment)
+    if (uri, name) in _LOCATIONS:
+        return
+    ensure_store(uri)
+    exp = Client(uri).get_experiment_by_name(name)
+    if exp is None:
+        return
+    loc = exp.artifact_location or ""
+    parsed = urlparse(loc)
+    if parsed.scheme in ("file", ""):
+        folder = Path(unquote(parsed.path) if parsed.scheme else loc)
+        try:
+            _check_writable([("tracking.artifact_dir", folder)])
+        except ConfigError as e:
+            raise ConfigError(f"{e}. That is where experiment tracking.experiment={name!r} keeps its "
+                              f"artifacts (fixed when it was created); allowed: a new "
+                              f"tracking.experiment=<name>, or make {folder} writable") from None
+        asked = cfg.tracking.get("artifact_dir")
+        if asked and not user_env_uri() and "://" not in str(asked) and \
+                resolve_path(asked).resolve() != folder.resolve():
+            log.warning("tracking.artifact_dir=%s is not where experiment %r keeps its artifacts (%s, fixed "
+                        "when it was created): they go there. A new tracking.experiment=<name> uses %s",
+                        asked, name, folder, resolve_path(asked))
+    _LOCATIONS.add((uri, name))
 
 
 def setup(cfg: DictConfig) -> str:

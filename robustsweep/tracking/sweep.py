@@ -5,8 +5,9 @@
 * A sweep is identified by its override list (``sweep_id``); relaunching the same command reuses
   the same parent run, so a resumed sweep still shows as one parent with all its children.
 * Resume: cells that already have a FINISHED run with their ``cell_id`` are skipped (the
-  validating sweeper drops them before launching); runs left RUNNING by a killed process are
-  marked FAILED before the cell runs again, so a cell never has two FINISHED runs from resuming.
+  validating sweeper drops them before launching). A job claims its cell before computing it
+  (robustsweep.tracking.claims), so two launchers never compute one cell; runs left RUNNING by a
+  process whose claim lapsed are marked FAILED by the next holder, never a live one.
 
 The parent run id reaches the jobs through ``ROBUSTSWEEP_PARENT_RUN_ID`` (set by the callback
 before any job starts, so launcher subprocesses inherit it).
@@ -56,7 +57,8 @@ def finished_run(client: Any, experiment_id: str, cfg: DictConfig) -> str | None
 
 
 def fail_stale_runs(client: Any, experiment_id: str, cid: str) -> int:
-    """Mark RUNNING runs of a cell FAILED (left by a killed process); return how many."""
+    """Mark RUNNING runs of a cell FAILED (left by a killed process); return how many. Call it only
+    while holding the cell's claim: then every RUNNING run of the cell belongs to a dead holder."""
     stale = client.search_runs([experiment_id], f"tags.`{CELL_TAG}` = '{cid}' "
                                f"AND attributes.status = 'RUNNING'", max_results=1000)
     for r in stale:

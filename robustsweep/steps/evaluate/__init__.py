@@ -71,6 +71,18 @@ class EvalContext:
     dense: Callable[[], nn.Module] = _no_dense
     dense_memo: Memo = field(default_factory=NoMemo)  # the memo for what is computed from it
 
+    def __post_init__(self) -> None:
+        # ``fast`` may wrap ``model`` (perf.amp=bf16: a new ``Autocast``, in train mode as every new
+        # module). Whatever reads the wrapper's flag and "restores" it afterwards then puts the
+        # model in train mode mid-evaluation: torchattacks calls model.train() on a model it found
+        # training (an attack by ``_target_`` in the sanity probe; the next forward then moved the
+        # BatchNorm statistics), ``frozen`` gives every submodule the root's flag (issue 32). The
+        # wrapper's own modules take the model's mode; the model's modules are left as they are.
+        inner = {id(m) for m in self.model.modules()}
+        for m in self.fast.modules():
+            if id(m) not in inner:
+                m.training = self.model.training
+
 
 @dataclass
 class Outcome:
