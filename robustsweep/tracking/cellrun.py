@@ -139,7 +139,7 @@ def _stored(client: Any, experiment_id: str, run_id: str, tags: dict[str, str], 
     """A cell FINISHED by an earlier or a concurrent run: its stored metrics (and, for a study trial, a
     FINISHED child of the study pointing at it)."""
     log.info("cell %s already FINISHED in run %s: skipped (tracking.resume=false re-runs it)",
-             cell_id(cfg), run_id)
+             tags[sw.CELL_TAG], run_id)
     prev = client.get_run(run_id)
     if "optuna.trial_number" in tags and prev.data.tags.get("mlflow.parentRunId") != parent:
         _reuse_as_child(client, experiment_id, prev, tags, cfg)
@@ -156,7 +156,7 @@ def _acquire(claim: claims.Claim, client: Any, experiment_id: str, cfg: DictConf
             return done
         _exit_if_orphaned()
         if time.monotonic() - said > 10:  # a line every ~10 s, never silent for longer
-            log.info("cell %s is being computed by %s: waiting for it", claim.prefix.rsplit("-", 2)[-2],
+            log.info("cell %s is being computed by %s: waiting for it", claim.cell_id,
                      claim.holder.describe() if claim.holder else "another process")
             said = time.monotonic()
         time.sleep(poll_s)
@@ -183,8 +183,8 @@ def _launcher() -> str | None:
 
 def launcher_gone() -> bool:
     """This job runs in a worker process whose launcher (on this machine) has died."""
-    ident = _launcher()
-    return ident is not None and process.running(ident) is False
+    ident = os.environ.get(LAUNCHER_ENV)
+    return bool(ident) and ident != process.identity() and process.running(ident) is False
 
 
 def _exit_if_orphaned() -> None:

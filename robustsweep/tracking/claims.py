@@ -72,7 +72,7 @@ class Claim:
     the end (idempotent). While held, a daemon thread beats the heartbeat."""
 
     def __init__(self, client: Any, experiment_id: str, cell_id: str, lease_s: float) -> None:
-        self.client, self.lease_s = client, float(lease_s)
+        self.client, self.lease_s, self.cell_id = client, float(lease_s), cell_id
         self.prefix = f"{PREFIX}-{experiment_id}-{cell_id}-"
         self.me = process.identity()
         self.name: str | None = None  # our generation's name while held
