@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ from torch import nn
 
 from robustsweep.config import compose
 from robustsweep.core.guards import state_tensors
+
+# Under pytest-xdist (``-n 2`` on CI's 2 cores) each worker gets one core: torch's intra-op threads
+# in this process, and OMP_NUM_THREADS for every CLI subprocess a test starts. Two workers with two
+# threads each fought over the cores and made the parallel suite slower than the serial one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def isolated_overrides(tmp: Path) -> list[str]:

@@ -5,6 +5,9 @@ that at ``attack.fault_eps`` it performs the fault named by the environment vari
 ``ROBUSTSWEEP_TEST_FAULT`` in the middle of the cell (after its MLflow run started): raise | exit |
 interrupt (SIGINT to itself, as Ctrl-C) | kill (SIGKILL to itself) | hang (sleeps 300 s: a cell
 that is still computing when its launcher is killed) | slow (sleeps 10 s: a cell others wait for).
+With ``ROBUSTSWEEP_TEST_FAULT_FROM_JOB=N`` the fault strikes instead in every job numbered N or later
+(Hydra's ``job.num``; a search's trial number): "kill the sweep mid-cell after N finished cells"
+with cells that otherwise take a second, not a slow attack on every cell.
 At the end of a multirun, ``summary_oserror`` and ``summary_interrupt`` make the sweep summary fail
 (a full disk) or be interrupted (Ctrl-C). The environment, not the config, chooses the fault, so a
 relaunch without it has the same cells.
@@ -28,8 +31,16 @@ def fault(model: Any, eps: float, fault_eps: float = -1.0, **_: object):
     inner = fgsm(model, eps)
     fault = os.environ.get("ROBUSTSWEEP_TEST_FAULT", "")
 
+    from_job = os.environ.get("ROBUSTSWEEP_TEST_FAULT_FROM_JOB")
+    if from_job:
+        from hydra.core.hydra_config import HydraConfig
+
+        strikes = int(HydraConfig.get().job.num) >= int(from_job)
+    else:
+        strikes = abs(eps - fault_eps) < 1e-9
+
     def attack(x, y):
-        if abs(eps - fault_eps) < 1e-9:
+        if strikes:
             if fault == "raise":
                 raise RuntimeError("injected fault")
             if fault == "exit":

@@ -131,3 +131,16 @@ def test_loader_returning_normalised_floats_is_rejected(monkeypatch):
             load_dataset(compose(["data.split_seed=123"]).data)
     finally:
         data_mod._load_cpu.cache_clear()
+
+
+def test_digits_read_from_the_csv_equal_scikit_learns_load_digits():
+    """The fast path (no ``sklearn.datasets`` import) against the library's own loader."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from robustsweep.steps.data import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from robustsweep.search import INTERRUPTED_ATTR
 from robustsweep.tracking.sweep import ROLE_TAG
-from tests.test_cli import cli
+from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
 SEARCH = ["-m", "experiment=quickstart", "search=cliff", "train.epochs=8", "attribution.n_images=2",
@@ -96,22 +96,27 @@ def test_relaunch_continues_the_study_and_a_changed_objective_is_refused(searche
 
 
 def test_sigkill_mid_search_then_relaunch_continues_from_the_stored_trials(tmp_path):
-    args = [sys.executable, "-m", "robustsweep", *SEARCH, "attribution=none", "attack=pgd",
-            "attack.steps=300"]  # slow trials, so the kill lands mid-study
+    # FGSM trials (tests.faults' ``fault`` attack), except that in the first launch every trial from
+    # number 3 on hangs in its attack: the kill lands mid-trial after exactly 3 told trials, and the
+    # relaunch (without the fault) runs seconds-long trials, not a PGD-300 each.
+    args = [sys.executable, "-m", "robustsweep", *SEARCH, "attribution=none", "attack=fgsm",
+            "attack.name=fault", "+hydra.callbacks.faults._target_=tests.faults.Faults"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+    env["PYTHONPATH"] = str(REPO)  # the job process imports tests.faults
+    first = {**env, "ROBUSTSWEEP_TEST_FAULT": "hang", "ROBUSTSWEEP_TEST_FAULT_FROM_JOB": "3"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=first, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not list(tmp_path.glob("outputs/multiruns/*/*/3")):
             time.sleep(0.2)
-        time.sleep(0.5)  # trial 3 is under way; trials 0-2 are told
+        time.sleep(1.0)  # trial 3 hangs in its attack; trials 0-2 are told
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     killed = _study(tmp_path).trials
     n_told = sum(t.state == TrialState.COMPLETE for t in killed)
-    assert n_told >= 3 and any(t.state == TrialState.RUNNING for t in killed)
+    assert n_told == 3 and any(t.state == TrialState.RUNNING for t in killed)
 
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -14,7 +14,7 @@ from robustsweep.config import compose
 from robustsweep.summary import wilson
 from robustsweep.tracking.identity import cell_id
 from robustsweep.tracking.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG
-from tests.test_cli import cli
+from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
 GRID = ["-m", "sparsity=0,0.5", "epsilon=0.05,0.1", "train.epochs=5", "attribution.n_images=2",
@@ -166,31 +166,38 @@ def test_resume_false_reruns_cells(tmp_path):
 
 
 def test_sigkill_mid_sweep_then_relaunch_completes_exactly_once(tmp_path):
-    """Kill -9 a 12-cell sweep after a few cells, relaunch: only unfinished cells run."""
+    """Kill -9 a 12-cell sweep while its 4th cell computes, relaunch: only unfinished cells run.
+
+    The cells are FGSM (tests.faults' ``fault`` attack), except that in the first launch every job from
+    number 3 on hangs (``ROBUSTSWEEP_TEST_FAULT_FROM_JOB``), so the kill lands mid-cell after exactly 3
+    finished cells, and the relaunch (without the fault) takes seconds, not a PGD-300 per cell."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    args = [sys.executable, "-m", "robustsweep", "-m", "sparsity=0,0.25,0.5,0.75",
-            "epsilon=0.05,0.1,0.2", "train.epochs=5", "attribution=none", "attack=pgd",
-            "attack.steps=300"]  # slow cells, so the kill lands mid-sweep
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, "-m", "robustsweep", "-m", "sparsity=0,0.25,0.5,0.75", "epsilon=0.05,0.1,0.2",
+            "train.epochs=5", "attribution=none", "attack=fgsm", "attack.name=fault",
+            "+hydra.callbacks.faults._target_=tests.faults.Faults"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)  # the job process imports tests.faults
+    first = {**env, "ROBUSTSWEEP_TEST_FAULT": "hang", "ROBUSTSWEEP_TEST_FAULT_FROM_JOB": "3"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=first, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Watch Hydra's job folders, not the store: a second process opening a brand-new SQLite
         # store while the sweep migrates it races on MLflow's schema migration.
         deadline = time.time() + 300
         while time.time() < deadline and not list(tmp_path.glob("outputs/multiruns/*/*/3")):
             time.sleep(0.2)
-        time.sleep(0.5)  # job 3 is under way; jobs 0-2 are FINISHED
+        time.sleep(1.0)  # job 3 hangs in its attack; jobs 0-2 are FINISHED
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     killed = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "cell"]
     n_done = sum(r.info.status == "FINISHED" for r in killed)
-    assert 3 <= n_done < 12
-    p = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert n_done == 3
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"{n_done} already FINISHED in the store (skipped), {12 - n_done} to run" in p.stdout + p.stderr
     cells = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "cell"]
@@ -199,7 +206,6 @@ def test_sigkill_mid_sweep_then_relaunch_completes_exactly_once(tmp_path):
     assert all(r.info.status in ("FINISHED", "FAILED") for r in cells)  # nothing left RUNNING
     parents = [r for r in _runs(tmp_path) if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-
 
 
 def test_heatmap_hatches_and_names_collapsed_cells():
