@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from robustsweep.core.device import share_cpu_threads
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.paths import (
     CONF_DIR,
@@ -32,6 +33,7 @@ def _task(cfg: DictConfig) -> dict[str, float]:
     # Joblib and submitit workers import this function, not main(): the job's process starts here.
     install_log_redaction()
     _redact_hydra_files()
+    share_cpu_threads()
     try:
         return run(cfg)
     except ConfigError as e:

@@ -60,6 +60,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     for group in GROUPS:
         check(isinstance(cfg.get(group), DictConfig), group, cfg.get(group),
               f"a config group; pick one with {group}=<option>")
+    check_added_keys(cfg, task_overrides(cfg))
     _deprecated_finetune(cfg)
     check(0.0 <= cfg.sparsity < 1.0, "sparsity", cfg.sparsity, "a float in [0, 1)")
     norm = str(cfg.attack.get("norm") or "linf") if isinstance(cfg.get("attack"), DictConfig) else "linf"
@@ -86,6 +87,71 @@ def validate(cfg: DictConfig) -> DictConfig:
     check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
           "a non-empty MLflow experiment name")
     return cfg
+
+
+def task_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's overrides of this job: from the config's own ``hydra`` node (a sweeper's
+    composed job) or Hydra's global state (a single run). Empty outside Hydra (``compose()``)."""
+    if isinstance(cfg.get("hydra"), DictConfig):
+        return [str(o) for o in cfg.hydra.overrides.get("task", [])]
+    from hydra.core.hydra_config import HydraConfig
+
+    return [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a key that ``+key=value`` (or ``++key=value``) adds but nothing declares. Hydra refuses
+    ``sparsty=0.5`` and then advises ``+sparsty=0.5``, which ran with the defaults; so did
+    ``+attack.stepz=5``. Declared are: the schema's top-level keys and config groups; in a group
+    node, the chosen option's own keys, an explicit parameter of the registered plug-in it names, or,
+    for a ``_target_`` callable, any of its parameters (all of them if it takes ``**kwargs``)."""
+    import difflib
+    import inspect
+
+    from robustsweep.core.registry import TARGET, Registry
+    from robustsweep.core.schema import Config
+
+    top = {*Config.__dataclass_fields__, "hydra"}
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for o in overrides:
+        if not o.startswith("+"):
+            continue
+        key = o.lstrip("+").split("=", 1)[0].strip()
+        head, _, rest = key.partition(".")
+        if head == "hydra" or head.startswith("hydra/") or (not rest and key in groups | top):
+            continue  # Hydra's own node; a config group picked with +group=option; a schema key
+        if not rest:
+            near = difflib.get_close_matches(key, sorted(top | groups), n=1)
+            raise ConfigError(f"{o}: {key!r} is not a key robustsweep knows"
+                              + (f" (did you mean {near[0]}?)" if near else "")
+                              + f"; allowed: {', '.join(sorted(top - {'hydra'}))}")
+        node = cfg.get(head)
+        sub = rest.split(".", 1)[0]
+        if not isinstance(node, DictConfig) or sub == TARGET:
+            continue  # a typed node (checks, perf, ...): Hydra's schema has checked it already
+        added = {o2.lstrip("+").split("=", 1)[0].strip() for o2 in overrides if o2.startswith("+")}
+        own = {k for k in node if f"{head}.{k}" not in added}
+        if sub in own:
+            continue
+        registry = Registry.BY_GROUP.get(head)
+        params: dict[str, inspect.Parameter] = {}
+        if registry is not None:
+            try:
+                params = dict(inspect.signature(registry.resolve(node)).parameters)
+            except (ConfigError, TypeError, ValueError):
+                continue  # an unknown plug-in name is the registry's own error, reported next
+        free = bool(node.get(TARGET)) and any(p.kind is p.VAR_KEYWORD for p in params.values())
+        # a parameter with a default is a setting (pgd's steps); one without is what the framework
+        # passes (the model, eps, the prune targets)
+        named = {n for n, p in params.items() if p.default is not p.empty}
+        if free or sub in named:
+            continue
+        near = difflib.get_close_matches(sub, sorted(own | named), n=1)
+        what = node.get(TARGET) or node.get(registry.key if registry else "name")
+        allowed = ", ".join(f"{head}.{k}" for k in sorted(own | named))
+        raise ConfigError(f"{o}: {head}.{sub} is not a key of {head}={what}"
+                          + (f" (did you mean {head}.{near[0]}?)" if near else "")
+                          + f"; allowed: {allowed}, or a callable {head}._target_ that takes it")
 
 
 def _deprecated_finetune(cfg: DictConfig) -> None:

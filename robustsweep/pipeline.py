@@ -71,6 +71,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise
         metrics.update(m.measured, baseline_test_acc=float(m.baseline["test_acc"]),
                        job_s=time.perf_counter() - t_start, **peak_memory_mb(device))
+        if m.measured.get("latency_noisy"):  # measured once per compressed model, judged per cell
+            reasons = {*reasons, "latency_noisy"}
         cell.log(metrics, _tags(m, reasons))
     return cell.metrics
 
@@ -135,7 +137,7 @@ def _tags(m: Compressed, reasons: set[str]) -> dict[str, str]:
             "robustsweep.checks": "guards passed: input range, adversarial batches, model unchanged"}
     if reasons:
         tags[SUSPECT_TAG] = ",".join(sorted(reasons))
-        words = evaluate.declared_reasons()
+        words = {**evaluate.declared_reasons(), **efficiency.REASONS}
         for r in sorted(reasons):
             log.warning("suspect cell (%s): %s", r, words[r])
     return tags

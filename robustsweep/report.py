@@ -74,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         cells = write_summary(client, pid, out)
         if args.log_to_parent:
             client.log_artifacts(pid, str(out), "summary")
+            names = sorted(p.name for p in out.iterdir())
+            log.info("attached %d files to parent run %s as artifacts under summary/: %s", len(names), pid,
+                     ", ".join(names))
     except SummaryError as e:
         log.error("%s", e)
         return 2
     except MlflowException as e:
         log.error("cannot read the MLflow store %s: %s", uri, e)
         return 2
-    log.info("sweep %s (%s): %d cells -> %s", parent.info.run_name, pid, len(cells), out)
+    log.info("%s (%s): %d cell%s -> %s", parent.info.run_name, pid, len(cells),
+             "" if len(cells) == 1 else "s", out)
     return 0
 
 

@@ -63,6 +63,9 @@ INTERRUPTED_ATTR = "robustsweep.interrupted"
 SPEC_ATTR = "robustsweep.spec"  # study user attr: what the study optimises (checked on resume)
 UNMEASURABLE = 1.0  # constraint value for a NaN metric (e.g. ASR of a model correct on nothing)
 COLLAPSED_METRIC = "collapsed"  # 1.0 for a degenerate model (robustsweep.steps.evaluate.robust)
+# Metrics are fractions of image counts: 1.00 - 0.95 - 0.05 is 4e-17 in floating point, not 0. A
+# margin this close to zero is on the limit, and the limit is allowed ("falls by at most delta").
+BOUNDARY_TOL = 1e-9
 
 
 # ------------------------------------------------------------------------------- criterion
@@ -89,7 +92,8 @@ class Criterion:
         c2 = ref["clean_acc"] - metrics["clean_acc"] - self.delta_acc
         if metrics.get(COLLAPSED_METRIC):  # a degenerate model's ASR says nothing: never safe
             c1 = max(c1, UNMEASURABLE)
-        return [UNMEASURABLE if math.isnan(c) else float(c) for c in (c1, c2)]
+        return [UNMEASURABLE if math.isnan(c) else 0.0 if abs(c) <= BOUNDARY_TOL else float(c)
+                for c in (c1, c2)]
 
     @property
     def metrics(self) -> tuple[str, str]:

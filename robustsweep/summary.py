@@ -9,7 +9,7 @@ Everything here reads only what is stored in MLflow (the parent's FINISHED child
   attention_drift.png                       the same images' IG maps (clean input) per sparsity
   drift.png                                 attribution-drift metrics vs sparsity with 95 % bootstrap bands
   security_curves.png                       robust accuracy vs eps per sparsity (min_norm=bisect cells)
-  pareto.png                                robust accuracy and ASR vs latency and size, Pareto fronts
+  pareto.png                                robust accuracy vs latency and size, Pareto fronts
   tradeoff.png                              clean vs robust accuracy per defence x sparsity (Tsipras et al.)
   certified.png                             certified vs empirical robust accuracy per sparsity (certify cells)
   cells.csv                                 every cell's params, metrics and `suspect` tag
@@ -52,6 +52,11 @@ def key_metrics() -> tuple[str, ...]:
     from robustsweep.pipeline import returned_metrics
 
     return returned_metrics()
+
+
+def is_latency_noisy(cell: dict[str, Any]) -> bool:
+    """Tagged ``suspect=latency_noisy`` (robustsweep.steps.efficiency): its latency is noise."""
+    return "latency_noisy" in cell.get("suspect", "").split(",")
 
 
 def is_collapsed(cell: dict[str, Any]) -> bool:
@@ -357,9 +362,10 @@ PARETO_AXES = (("latency_ms_b64", "latency per batch of 64 (ms)"),
 
 def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
     """What each compression costs in robustness for what it buys: robust accuracy (higher is
-    better) and ASR (lower) against latency and size, each cell a point labelled with its
-    compression, the Pareto front of the non-collapsed cells drawn; one row per (attack, eps). None
-    without efficiency metrics."""
+    better) against latency and against size, each cell a point labelled with its compression, the
+    Pareto front of the non-collapsed cells drawn; one row of two panels per (attack, eps). (Four
+    panels a row, ASR too, were too small to read at the MLflow UI's size; ASR is in the heatmaps.)
+    None without efficiency metrics."""
     cells = [c for c in cells if not math.isnan(c.get("latency_ms_b64", math.nan))]
     if not cells:
         return None
@@ -367,32 +373,35 @@ def pareto(cells: list[dict[str, Any]]) -> plt.Figure | None:
     for c in cells:
         rows[(attack_label(c), c["epsilon"])].append(c)
     rows = dict(sorted(rows.items()))
-    fig, axes = plt.subplots(len(rows), 4, figsize=(17, 3.9 * len(rows)), squeeze=False,
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.6 * len(rows)), squeeze=False,
                              constrained_layout=True)
     labels = sorted({_method_of(c) for c in cells})
     color = {lab: f"C{n % 10}" for n, lab in enumerate(labels)}
     for r, ((attack, eps), cs) in enumerate(rows.items()):
-        panels = [(metric, cost) for metric in ("robust_acc", "asr") for cost in PARETO_AXES]
+        panels = [("robust_acc", cost) for cost in PARETO_AXES]
         for ax, (metric, (cost, cost_label)) in zip(axes[r], panels, strict=True):
             xs, ys = [c[cost] for c in cs], [c[metric] for c in cs]
-            for c, x, y in zip(cs, xs, ys, strict=True):
+            # a latency measured under load is noise (robustsweep.steps.efficiency): drawn hollow, off the front
+            noisy = [cost.startswith("latency") and is_latency_noisy(c) for c in cs]
+            for c, x, y, bad in zip(cs, xs, ys, noisy, strict=True):
                 lab = compression_label(c)
-                ax.scatter(x, y, color=color[_method_of(c)], marker="x" if is_collapsed(c) else "o",
-                           s=30, zorder=3)
-                ax.annotate(lab + (" (collapsed)" if is_collapsed(c) else ""), (x, y), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.scatter(x, y, marker="x" if is_collapsed(c) else "o", s=30, zorder=3,
+                           **({"facecolors": "none", "edgecolors": color[_method_of(c)]} if bad and
+                              not is_collapsed(c) else {"color": color[_method_of(c)]}))
+                note = (" (collapsed)" if is_collapsed(c) else "") + (" (latency noisy)" if bad else "")
+                ax.annotate(lab + note, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
             # a collapsed model's robust accuracy (ASR) describes a broken model: never on the front
-            ok = [i for i, c in enumerate(cs) if not is_collapsed(c) and not math.isnan(ys[i])]
+            ok = [i for i, c in enumerate(cs) if not is_collapsed(c) and not noisy[i] and not math.isnan(ys[i])]
             front = [ok[i] for i in pareto_front([xs[i] for i in ok], [ys[i] for i in ok],
                                                  higher_is_better=metric == "robust_acc")]
             ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="0.3", lw=1,
                     label="Pareto front (collapsed models excluded)")
             ax.set_xlabel(cost_label)
             ax.set_ylabel(metric + (" (higher is better)" if metric == "robust_acc" else " (lower is better)"))
-            ax.set_title(f"{attack} {_eps_label(eps, attack)}", fontsize=9)
-            ax.legend(fontsize=7)
+            ax.set_title(f"{attack} {_eps_label(eps, attack)}", fontsize=11)
+            ax.legend(fontsize=8)
     fig.suptitle("What each compression costs in robustness for what it buys (each point a cell; x: "
-                 "collapsed model)", fontsize=10)
+                 "collapsed model; hollow: latency measured under load, off the front)", fontsize=10)
     return fig
 
 
@@ -537,5 +546,5 @@ def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[s
         for c in cells:
             w.writerow([c["run_id"], c["cell_id"], c["suspect"], *[c[k] for k in metrics],
                         *[c["params"].get(k, "") for k in param_keys]])
-    log.info("summary of %d cells written to %s", len(cells), out_dir)
+    log.info("summary of %d cell%s written to %s", len(cells), "" if len(cells) == 1 else "s", out_dir)
     return cells

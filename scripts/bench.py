@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         overhead_jobs = [1, 3]
     else:
         model_name = args.model or ("resnet18" if cuda else "resnet_small")
-        base = [f"experiment={args.experiment}", f"data.root={Path(args.data_root).resolve()}",
-                f"model={model_name}"]
+        base = [f"experiment={args.experiment}", "data=imagefolder",  # our JPEG copy (quality 75)
+                f"data.root={Path(args.data_root).resolve()}", f"model={model_name}"]
         n_eval = args.n_eval or (10000 if cuda else 500)
         grid = dict(GRID)
         batches = [256, 512, 1024, 2048, 4096] if cuda else [64, 128, 256, 512]

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device("cpu")
     base = (["data=digits", "model=small_cnn", "train=digits"] if args.small else
-            ["experiment=cifar_small", f"data.root={Path(args.data_root).resolve()}"])
+            ["experiment=cifar_small", "data=imagefolder", f"data.root={Path(args.data_root).resolve()}"])
     cfg = validate(compose([*base, f"data.n_eval={args.n_eval}", "device=cpu"]))
     ds = load_dataset(cfg.data, device)
     model, info = get_baseline(cfg, ds, device, Path(cfg.paths.output_dir) / "cache" / "baselines")

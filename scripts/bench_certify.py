@@ -43,8 +43,9 @@ NETWORKS = {
     "digits small CNN (objective=ibp)": (["objective=ibp", "objective.eps=0.1", "data.n_eval=200"], 0.05,
                                          {"ibp": 200, "crown-ibp": 200, "crown": 20, "smoothing": 50}),
     "CIFAR-10 ResNet-20 (objective=noise)": (
-        ["experiment=cifar_small", "data.root=../shared/data/cifar10-jpg", "objective=noise",
-         "objective.sigma=0.25", "data.n_eval=200"], 2 / 255, {"ibp": 200, "crown-ibp": 50, "smoothing": 10}),
+        ["experiment=cifar_small", "data=imagefolder", "data.root=../shared/data/cifar10-jpg",
+         "objective=noise", "objective.sigma=0.25", "data.n_eval=200"], 2 / 255,
+        {"ibp": 200, "crown-ibp": 50, "smoothing": 10}),
 }
 
 

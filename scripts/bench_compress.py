@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device("cpu")
     base = (["data=digits", "model=small_cnn", "train=digits"] if args.small else
-            ["experiment=cifar_small", f"data.root={Path(args.data_root).resolve()}"])
+            ["experiment=cifar_small", "data=imagefolder", f"data.root={Path(args.data_root).resolve()}"])
     cfg0 = validate(compose([*base, "device=cpu", "defend=none"]))
     ds = load_dataset(cfg0.data, device)
     dense, info = get_baseline(cfg0, ds, device, Path(cfg0.paths.output_dir) / "cache" / "baselines")

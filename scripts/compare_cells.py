@@ -4,8 +4,8 @@
 
 Cells are matched by their key params (model, data, prune method, attack, sparsity, epsilon, seed);
 every metric column both files' runs logged is compared as written (the CSV holds Python's repr of each
-float, so equal text is bit-identical), except timings and memory (``*_s``, ``*_mb``), which vary by
-nature. Prints one line per metric and exits 1 if any cell or value differs.
+float, so equal text is bit-identical), except timings and memory (``*_s``, ``*_mb``, ``latency_*``,
+``load_per_core``), which vary by nature. Prints one line per metric and exits 1 if any cell or value differs.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     def measured(rows: dict, m: str) -> bool:  # a column the file's runs logged (nan = never logged)
         return any(r[m] not in ("", "nan") for r in rows.values())
 
-    shared = [m for m in ma if m in mb and measured(a, m) and measured(b, m) and not m.endswith(("_s", "_mb"))]
+    shared = [m for m in ma if m in mb and measured(a, m) and measured(b, m) and not m.endswith(("_s", "_mb"))
+              and not m.startswith(("latency_", "load_per_core"))]
     for m in shared:
         diff = [k for k in sorted(set(a) & set(b)) if a[k][m] != b[k][m]]
         ok &= not diff

@@ -1,6 +1,12 @@
-"""The GPU acceptance in one device call, and its offline CPU rehearsal.
+"""The GPU acceptance in one call on a lent GPU machine, and its offline CPU rehearsal.
 
-A GPU comes now and then, for ~15 minutes, on a machine with no internet whose image has torch,
+**For a user with a GPU of their own** none of this is needed: install robustsweep there and run
+``python -m robustsweep -m experiment=gpu sparsity=0,0.25,0.5,0.75 epsilon=2/255,4/255,8/255
+attack=fgsm,pgd`` (CIFAR-10 from torchvision, README "Getting CIFAR-10"), then
+``python scripts/bench.py --device cuda --data-root <an image tree of CIFAR-10>``.
+
+This script serves the project's own situation, which may be yours on a cluster: a GPU comes now and
+then, for ~15 minutes, on a machine with no internet whose image has torch,
 torchvision, numpy, scipy, scikit-learn, matplotlib, pandas, safetensors and tqdm but not hydra,
 omegaconf, mlflow, optuna, torchattacks or captum, and whose Python is 3.12. So everything it
 lacks is packed here, travels with the working tree (64 MiB per call in all), and one command
@@ -243,7 +249,7 @@ def run(pack_dir: Path, out: Path, toy: bool, budget_s: float, work: Path) -> di
             tar.extractall(data, filter="data")
         result["steps"]["unpack"] = {"status": "ok", "wall_s": round(time.perf_counter() - t0, 1)}
         root = data / "cifar10-jpg"
-        overrides = ["experiment=gpu", f"data.root={root}", *(TOY if toy else [])]
+        overrides = ["experiment=gpu", "data=imagefolder", f"data.root={root}", *(TOY if toy else [])]
         grid_dir = work / "grid"
         step(result, "grid", [sys.executable, "-m", "robustsweep", "-m", *overrides, *GRID,
                               f"hydra.sweep.dir={grid_dir}"],

@@ -56,6 +56,10 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     (["seed=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     (["sparsity=half"], "sparsity"),
     (["attack.stepz=3"], "Could not override 'attack.stepz'"),
+    # what Hydra's message then advises: + adds the key, which nothing reads (issue 31)
+    (["+sparsty=0.9"], "+sparsty=0.9: 'sparsty' is not a key robustsweep knows (did you mean sparsity?)"),
+    (["attack=pgd", "+attack.stepz=5"], "attack.stepz is not a key of attack=pgd (did you mean attack.steps?)"),
+    (["-m", "sparsity=0,0.5", "+attack.stepz=5"], "attack.stepz is not a key of attack=fgsm"),
     (["data=imagefolder"], "data.root is missing"),
     (["epsilon=1.5"], "epsilon=1.5"),
     (["attack=pgd", "attack.steps=0"], "attack.steps=0 is not valid; allowed: an integer > 0"),

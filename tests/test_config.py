@@ -137,3 +137,19 @@ def test_every_config_group_folder_ships_in_the_wheel() -> None:
     }
     assert folders, "no config folders found"
     assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
+
+
+def test_readmes_configuration_table_lists_every_group_and_option():
+    """README "Configuration": a row per config group under conf/, naming every option in it
+    (a group or option added without its row fails here)."""
+    import re
+
+    from robustsweep.core.paths import CONF_DIR
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*?) \|", section, re.M)}
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        assert group.name in rows, f"README's Configuration table has no row for group {group.name!r}"
+        missing = [o.stem for o in group.glob("*.yaml") if f"`{o.stem}`" not in rows[group.name]]
+        assert not missing, f"group {group.name!r}: options {missing} are not in its README row"

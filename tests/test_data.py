@@ -144,3 +144,20 @@ def test_digits_read_from_the_csv_equal_scikit_learns_load_digits():
     ref = load_digits()
     assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
     assert np.array_equal(target, ref.target)
+
+
+def test_cifar_experiments_read_torchvisions_cifar10_and_say_what_to_do_offline(tmp_path):
+    """Every CIFAR experiment works for a user without this project's JPEG copy: torchvision's CIFAR-10
+    (downloaded into data.root), and offline without the files a message naming what to do."""
+    import pytest
+
+    from robustsweep.config import ConfigError, compose, validate
+
+    for experiment in ("cifar_small", "seed", "gpu"):
+        cfg = compose([f"experiment={experiment}", "device=cpu"])
+        assert cfg.data.name == "cifar10" and "shared" not in str(cfg.data.root), experiment
+    offline = ["experiment=cifar_small", f"data.root={tmp_path}", "data.download=false"]
+    with pytest.raises(ConfigError, match=r"data.download=false .*no cifar-10-batches-py.*Getting CIFAR-10"):
+        validate(compose(offline))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    validate(compose(offline))  # the unpacked python-version archive is what it needs

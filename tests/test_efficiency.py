@@ -135,7 +135,7 @@ def test_pareto_front_and_figure():
     cells = [cell("none", 0.0, 10, 1.0, 0.3), cell("channel", 0.5, 4, 0.3, 0.2),
              cell("global_l1", 0.5, 10, 0.6, 0.31)]
     fig = pareto(cells)
-    assert len(fig.axes) == 4 and len(fig.axes[0].collections) == 3
+    assert len(fig.axes) == 2 and len(fig.axes[0].collections) == 3  # robust accuracy vs latency, vs size
     assert {t.get_text() for t in fig.axes[0].texts} == {"dense", "channel 0.50", "global_l1 0.50"}
     assert pareto([{**c, "latency_ms_b64": float("nan")} for c in cells]) is None
 
@@ -286,3 +286,35 @@ def test_cells_that_differ_in_quantization_never_share_a_compressed_model(make_c
              ("quantize=int8", "device=cpu")]}
     assert len(keys) == 4
     assert pruned_key(validate(make_cfg("epsilon=0.2")), "cpu") == pruned_key(validate(make_cfg()), "cpu")
+
+
+def test_a_latency_measured_under_load_is_flagged_and_kept_off_the_latency_front(monkeypatch):
+    """The figure of a busy machine is kept (latency_ms_*) but flagged, and pareto.png leaves the cell
+    off its latency front (the size front still has it)."""
+    from robustsweep.steps import efficiency
+    from robustsweep.summary import pareto
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    med, spread = efficiency.latency_stats(net, torch.rand(1, 1, 8, 8), min_repeats=20, min_seconds=0.0)
+    assert med > 0 and spread >= 0
+    timings = {"spread": 0.05}  # the measurement itself, made deterministic: (median ms, IQR / median)
+    monkeypatch.setattr(efficiency, "latency_stats", lambda *a, **k: (1.5, timings["spread"]))
+    monkeypatch.setattr(efficiency.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    calm = efficiency.measure(net, (1, 8, 8), torch.device("cpu"))
+    assert calm["latency_noisy"] == 0.0 and calm["load_per_core"] == 0.0 and calm["latency_ms_b1"] == 1.5
+    monkeypatch.setattr(efficiency.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a busy machine
+    assert efficiency.measure(net, (1, 8, 8), torch.device("cpu"))["latency_noisy"] == 1.0
+    monkeypatch.setattr(efficiency.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    timings["spread"] = 0.6  # repeats that scatter
+    assert efficiency.measure(net, (1, 8, 8), torch.device("cpu"))["latency_noisy"] == 1.0
+
+    def cell(s, lat, ra, suspect=""):
+        return {"attack.name": "fgsm", "attack.norm": "linf", "prune.method": "l1_unstructured", "sparsity": s,
+                "epsilon": 0.1, "latency_ms_b64": lat, "size_mb_zipped": 1 - s, "robust_acc": ra,
+                "asr": 1 - ra, "suspect": suspect, "n_pred_classes": 10}
+
+    fig = pareto([cell(0.0, 10, 0.3), cell(0.5, 0.1, 0.4, "latency_noisy")])
+    (latency_front,) = fig.axes[0].lines
+    (size_front,) = fig.axes[1].lines
+    assert list(latency_front.get_xdata()) == [10]  # the noisy cell is not on the latency front
+    assert list(size_front.get_xdata()) == [0.5]  # its size is not noise (and it dominates there)

@@ -23,6 +23,7 @@ from robustsweep.search import (
     check_spec,
     constraints_from_attrs,
     fail_interrupted_trials,
+    is_safe,
     isotonic,
     open_storage,
     plot_cliff,
@@ -207,6 +208,19 @@ def test_constraints_asr_robust_acc_and_unmeasurable():
         Criterion("accuracy")
     with pytest.raises(ConfigError, match=r"search\.delta=-0\.1"):
         Criterion("asr", -0.1)
+
+
+def test_a_point_on_the_limit_is_safe_not_floating_point_noise():
+    """Clean accuracy 1.00 -> 0.95 with a 0.05 allowance: 1.0 - 0.95 - 0.05 is 4.4e-17 in floating
+    point, which once made the point UNSAFE and the bracket end there."""
+    crit = Criterion("asr", 0.10, 0.05)
+    ref = {"asr": 0.2, "clean_acc": 1.0}
+    assert 1.0 - 0.95 - 0.05 > 0  # the noise this is about
+    cons = crit.constraints({"asr": 0.3, "clean_acc": 0.95}, ref)  # both on their limit
+    assert cons == [0.0, 0.0] and is_safe(cons)
+    assert not is_safe(crit.constraints({"asr": 0.3, "clean_acc": 0.9499}, ref))  # beyond it: unsafe
+    b = bracket([(0.0, crit.constraints(ref, ref)), (0.5, cons), (0.7, [0.2, 0.0])])
+    assert (b.low, b.high) == (0.5, 0.7)
 
 
 def test_study_with_a_different_objective_is_refused(tmp_path):

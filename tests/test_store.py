@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections import namedtuple
@@ -87,11 +88,25 @@ def test_client_methods_go_through_the_retry(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_joblib_launcher_two_workers_all_cells_and_metrics_stored(tmp_path):
-    p = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-            "sparsity=0,0.25,0.5,0.75", "train.epochs=3", "attribution.n_images=2",
-            "attribution.n_steps=8")
+def test_joblib_launcher_four_workers_all_cells_and_metrics_stored_one_baseline_trained(tmp_path):
+    """4 joblib workers on a fresh store: every cell and metric stored; the baseline they all need is
+    trained once (the others wait on its cache file's lock and load it); each worker takes its share
+    of the cores (without OMP_NUM_THREADS, which pytest-xdist's conftest sets)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
+    p = subprocess.run([sys.executable, "-m", "robustsweep", "-m", "hydra/launcher=joblib",
+                        "hydra.launcher.n_jobs=4", "sparsity=0,0.25,0.5,0.75", "train.epochs=3",
+                        "attribution.n_images=2", "attribution.n_steps=8"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "4 cells on JoblibLauncher, 4 at a time; each job logs to" in p.stdout + p.stderr
+    logs = [f.read_text() for f in tmp_path.glob("outputs/multiruns/*/*/*/*.log")]
+    assert len(logs) == 4
+    assert sum("] - training baseline" in t for t in logs) == 1, [t[-1500:] for t in logs]
+    assert sum("] - waiting for another process training baseline" in t for t in logs) >= 1
+    # joblib's loky sets OMP_NUM_THREADS = cores // n_jobs in its workers; we log what the job runs with
+    cores = len(os.sched_getaffinity(0))
+    threads = [re.search(r"torch threads: (\d+) \(", t) for t in logs]
+    assert all(m and int(m.group(1)) == max(1, cores // 4) for m in threads), logs[0][-2000:]
     c = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("robustsweep").experiment_id])
     cells = [r for r in runs if r.data.tags.get(ROLE_TAG) == "cell"]

@@ -319,6 +319,7 @@ class OptunaSweeperImpl(Sweeper):
         from optuna.trial import TrialState
 
         from robustsweep.config import ConfigError
+        from robustsweep.core.device import PARALLEL_ENV, parallel_jobs
         from robustsweep.core.paths import redact_url
         from robustsweep.search import ROLE_ATTR, heartbeats, is_safe, mark_interrupted, record_constraints
         from robustsweep.tracking import sweep as sw
@@ -336,6 +337,8 @@ class OptunaSweeperImpl(Sweeper):
                 study.tell(t, state=TrialState.FAIL)
             failures.append(redact_url(str(e)))
             return []
+        # worker processes take their share of the cores (robustsweep.core.device.share_cpu_threads)
+        os.environ[PARALLEL_ENV] = str(parallel_jobs(self.config.hydra.launcher, len(jobs)))
         try:
             with heartbeats(study, trials):  # other launchers on this study see them alive
                 results = self.launcher.launch(jobs, initial_job_idx=trials[0].number)

@@ -70,6 +70,7 @@ class ValidatingSweeper(BasicSweeper):
         from concurrent.futures.process import BrokenProcessPool  # loky's TerminatedWorkerError is one
 
         from robustsweep.core import process
+        from robustsweep.core.device import PARALLEL_ENV, parallel_jobs
         from robustsweep.core.paths import redact_url
         from robustsweep.tracking import store
         from robustsweep.tracking import sweep as sw
@@ -95,8 +96,8 @@ class ValidatingSweeper(BasicSweeper):
         done = {i: r for i, c in enumerate(cfgs) if resume and (r := sw.finished_run(client, experiment_id, c))}
         todo = [job for i, job in enumerate(jobs) if i not in done]
         skipped = len(jobs) - len(todo)
-        log.info("sweep of %d cells: %d already FINISHED in the store (skipped), %d to run",
-                 len(jobs), skipped, len(todo))
+        log.info("sweep of %d cell%s: %d already FINISHED in the store (skipped), %d to run",
+                 len(jobs), "" if len(jobs) == 1 else "s", skipped, len(todo))
 
         task = list(self.config.hydra.overrides.task)
         sid = sw.sweep_id(task, cfgs[0].tracking.experiment)
@@ -117,12 +118,19 @@ class ValidatingSweeper(BasicSweeper):
             composed = {tuple(j): c for j, c in zip(jobs, cfgs, strict=True)}
             self.launcher.hydra_context = HydraContext(config_loader=_ComposedOnce(ctx.config_loader, composed),
                                                        callbacks=ctx.callbacks)
+        elif todo:  # worker processes: their lines go to their own log files, not to this terminal
+            at_once = parallel_jobs(self.config.hydra.launcher, len(todo))
+            log.info("%d cell%s on %s, %d at a time; each job logs to %s/<job number>/%s.log", len(todo),
+                     "" if len(todo) == 1 else "s", type(self.launcher).__name__, at_once, sweep_dir,
+                     self.config.hydra.job.name)
 
         returns, failures = [], []
         step = self.max_batch_size or len(todo) or 1
         try:
             for start in range(0, len(todo), step):
                 batch = todo[start:start + step]
+                # worker processes take their share of the cores (robustsweep.core.device.share_cpu_threads)
+                os.environ[PARALLEL_ENV] = str(parallel_jobs(self.config.hydra.launcher, len(batch)))
                 results = self.launcher.launch(batch, initial_job_idx=start)
                 for job, r in zip(batch, results, strict=True):
                     if r.status == JobStatus.FAILED:

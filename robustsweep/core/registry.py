@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,9 +55,12 @@ def import_callable(key: str, path: Any) -> Callable[..., Any]:
 class Registry(dict[str, F], Generic[F]):
     """A dict of named plug-ins for config group ``group``; ``@registry.register("name")`` adds one."""
 
+    BY_GROUP: ClassVar[dict[str, Registry]] = {}  # every registry by its config group (strict keys)
+
     def __init__(self, group: str, key: str = "name", plugins: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.group, self.key = group, key
+        Registry.BY_GROUP[group] = self
         self.checks: dict[str, Callable[[DictConfig, DictConfig], None]] = {}
         self._plugins = plugins  # modules registering more plug-ins, imported on first lookup
 

@@ -144,10 +144,11 @@ def _cifar10(cfg: DictConfig) -> Arrays:
     except (OSError, RuntimeError) as e:  # URLError is an OSError; "Dataset not found" a RuntimeError
         raise ConfigError(
             f"data.root={str(cfg.root)!r}: CIFAR-10 is not at {root} and could not be downloaded "
-            f"({type(e).__name__}: {e}). Offline alternatives: copy the python-version files "
-            f"into that folder, or use an image tree with "
-            f"data=imagefolder data.root=/path/to/cifar10-jpg (train/<class>/*.jpg, test/...), "
-            f"or the bundled data=digits."
+            f"({type(e).__name__}: {e}); allowed offline: the python-version archive "
+            f"(cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) unpacked into that "
+            f"folder (cifar-10-batches-py/), an image tree with data=imagefolder "
+            f"data.root=/path/to/cifar10-jpg (train/<class>/*.jpg, test/...), or the bundled data=digits "
+            f"(README \"Getting CIFAR-10\")"
         ) from e
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
     return (to_nchw(train.data), np.asarray(train.targets, np.int64),
@@ -225,7 +226,7 @@ def _check_imagefolder(cfg: DictConfig, _: DictConfig) -> None:
     """``data=imagefolder``: the root holds train/<class>/ and test/<class>/ folders."""
     if OmegaConf.is_missing(cfg, "root") or not cfg.root:
         raise ConfigError("data.root is missing; allowed: a folder with train/<class>/* and "
-                          "test/<class>/* images, e.g. data.root=../shared/data/cifar10-jpg")
+                          "test/<class>/* images, e.g. data.root=/data/cifar10-jpg")
     root = resolve_path(cfg.root)
     for split in ("train", "test"):
         d = root / split
@@ -242,6 +243,20 @@ def _check_imagefolder(cfg: DictConfig, _: DictConfig) -> None:
 
 
 DATASETS.checks["imagefolder"] = _check_imagefolder
+
+
+def _check_cifar10(cfg: DictConfig, _: DictConfig) -> None:
+    """``data=cifar10`` with ``download: false`` needs torchvision's files already in ``data.root``:
+    said before anything runs (a download that fails offline is reported when the data loads)."""
+    root = resolve_path(cfg.root)
+    if not cfg.get("download", True) and not (root / "cifar-10-batches-py").is_dir():
+        raise ConfigError(f"data.download=false but data.root={str(cfg.root)!r} has no cifar-10-batches-py/ "
+                          f"({root}); allowed: data.download=true (online), the python-version archive "
+                          f"cifar-10-python.tar.gz unpacked there, or data=imagefolder data.root=<image tree> "
+                          f"(README \"Getting CIFAR-10\")")
+
+
+DATASETS.checks["cifar10"] = _check_cifar10
 
 
 # What validation checks of an image tree, and what it leaves to the loader. Checked, cheaply

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import os
 import statistics
 import time
 import zlib
@@ -40,8 +42,17 @@ from robustsweep.steps.quantize import twin_mode
 log = logging.getLogger(__name__)
 
 METRICS = ("params_total", "params_nonzero", "size_mb", "size_mb_zipped", "flops", "latency_ms_b1",
-           "latency_ms_b64")
+           "latency_ms_b64", "latency_spread_b1", "latency_spread_b64", "load_per_core", "latency_noisy")
 LATENCY_BATCHES = (1, 64)
+# When is a latency figure noise? The same model measured 0.097 ms to 121 ms at batch 1 on a loaded
+# 2-core machine, and pareto.png then drew pruning as 200x faster than dense. A median is kept, but
+# flagged when its repeats scatter (interquartile range over the median) or the machine is busy
+# (1-minute load average per core): the cell is tagged suspect=latency_noisy and pareto.png leaves
+# it off the latency fronts.
+NOISY_SPREAD = 0.25
+NOISY_LOAD_PER_CORE = 1.0
+REASONS = {"latency_noisy": "its latency repeats scattered or the machine was busy: latency_ms_* is noise "
+                            "(kept, left off pareto.png's latency fronts); measure on an idle machine"}
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
@@ -91,6 +102,12 @@ def latency_ms(model: nn.Module, x: torch.Tensor, warmup: int = 3, min_repeats: 
                min_seconds: float = 0.2, max_repeats: int = 1000) -> float:
     """Median milliseconds of ``model(x)``: ``warmup`` passes, then at least ``min_repeats`` timed
     passes and at least ``min_seconds`` of them (at most ``max_repeats``)."""
+    return latency_stats(model, x, warmup, min_repeats, min_seconds, max_repeats)[0]
+
+
+def latency_stats(model: nn.Module, x: torch.Tensor, warmup: int = 3, min_repeats: int = 10,
+                  min_seconds: float = 0.2, max_repeats: int = 1000) -> tuple[float, float]:
+    """``latency_ms``'s median and the spread of its repeats: interquartile range / median."""
     cuda = x.device.type == "cuda"
     times: list[float] = []
     with torch.inference_mode():
@@ -107,7 +124,9 @@ def latency_ms(model: nn.Module, x: torch.Tensor, warmup: int = 3, min_repeats: 
             dt = time.perf_counter() - t
             times.append(dt)
             total += dt
-    return 1000 * statistics.median(times)
+    median = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (median, median, median)
+    return 1000 * median, (q3 - q1) / median if median > 0 else math.inf
 
 
 def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
@@ -126,9 +145,19 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device
                "size_mb_zipped": zipped / 1e6, "flops": float(count_flops(model, x[1]))}
         if cfg.get("latency", True):
             for b in LATENCY_BATCHES:
-                out[f"latency_ms_b{b}"] = latency_ms(model, x[b], int(cfg.get("warmup", 3)),
-                                                     int(cfg.get("min_repeats", 10)),
-                                                     float(cfg.get("min_seconds", 0.2)))
+                out[f"latency_ms_b{b}"], out[f"latency_spread_b{b}"] = latency_stats(
+                    model, x[b], int(cfg.get("warmup", 3)), int(cfg.get("min_repeats", 10)),
+                    float(cfg.get("min_seconds", 0.2)))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            out["load_per_core"] = os.getloadavg()[0] / cores
+            noisy = max(out[f"latency_spread_b{b}"] for b in LATENCY_BATCHES) > NOISY_SPREAD \
+                or out["load_per_core"] > NOISY_LOAD_PER_CORE
+            out["latency_noisy"] = float(noisy)
+            if noisy:
+                spreads = ", ".join(f"{out[f'latency_spread_b{b}']:.2f} at batch {b}" for b in LATENCY_BATCHES)
+                log.warning("latency is noise here: repeats spread %s (IQR/median; > %g is noise), load %.2f "
+                            "per core (> %g is busy); kept, cell tagged suspect=latency_noisy", spreads,
+                            NOISY_SPREAD, out["load_per_core"], NOISY_LOAD_PER_CORE)
     log.info("efficiency: %d params (%d nonzero), %.3f MB (%.3f MB zipped), %.3g FLOPs/image%s",
              total, nonzero, out["size_mb"], out["size_mb_zipped"], out["flops"],
              "".join(f", {out[f'latency_ms_b{b}']:.2f} ms at batch {b}" for b in LATENCY_BATCHES

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import fnmatch
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -199,6 +200,18 @@ def _check_int8(node: DictConfig, cfg: DictConfig) -> None:
           f"run on the CPU only; {kind} has none (quantize=fake runs anywhere)")
 
 
+@contextlib.contextmanager
+def _torch_ao_quiet() -> Iterator[None]:
+    """torch.ao's FX quantization warns about its own defaults (``reduce_range`` in the x86 qconfig,
+    quantized-tensor creation being deprecated) on every int8 cell: nothing a user can act on, and it
+    buried the run's own lines. Only these messages are silenced, only while we quantize."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                                category=UserWarning)
+        yield
+
+
 @register_quantizer("int8", check=_check_int8)
 def _int8(model: nn.Module, node: DictConfig, calib: Calib) -> dict[str, float]:
     import time
@@ -222,17 +235,19 @@ def _int8(model: nn.Module, node: DictConfig, calib: Calib) -> dict[str, float]:
     finally:
         hook.remove()
     float_net = copy.deepcopy(net).eval()
-    try:
-        prepared = prepare_fx(float_net, get_default_qconfig_mapping(str(node.backend)),
-                              example_inputs=(seen[0][:1],))
-    except Exception as e:  # torch.fx cannot trace data-dependent control flow
-        raise ConfigError(f"quantize=int8: torch.fx cannot trace model={type(net).__name__} "
-                          f"({type(e).__name__}: {e}); allowed: a traceable network, or quantize=fake") from e
-    with torch.inference_mode():
-        for x in seen:
-            prepared(x)  # the observers record activation ranges
-    int8 = convert_fx(copy.deepcopy(prepared)).eval()
-    twin = make_twin(convert_to_reference_fx(prepared)).eval()
+    with _torch_ao_quiet():
+        try:
+            prepared = prepare_fx(float_net, get_default_qconfig_mapping(str(node.backend)),
+                                  example_inputs=(seen[0][:1],))
+        except Exception as e:  # torch.fx cannot trace data-dependent control flow
+            why = f"{type(e).__name__}: {e}"
+            raise ConfigError(f"quantize=int8: torch.fx cannot trace model={type(net).__name__} ({why}); "
+                              f"allowed: a traceable network, or quantize=fake") from e
+        with torch.inference_mode():
+            for x in seen:
+                prepared(x)  # the observers record activation ranges
+        int8 = convert_fx(copy.deepcopy(prepared)).eval()
+        twin = make_twin(convert_to_reference_fx(prepared)).eval()
     for p in twin.parameters():
         p.requires_grad_(False)
     model.net = Int8Pair(int8, twin)

@@ -23,12 +23,13 @@ horizontal flip) is done for the whole batch at once with tensor indexing, as in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,9 +296,52 @@ def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
     key = baseline_key(cfg)
     name = cfg.model.get("name") or "custom"
     path = cache_dir / f"{name}-{key}.safetensors"
+    seen = _stamp(path)
     hit = _verified_cache(cfg, ds, device, path, key)
     if hit is not None:
         return hit
+    # One trainer per cache key across processes: parallel workers (joblib, submitit, SLURM on a
+    # shared disk) that all miss the cache wait for the first, then load what it saved.
+    with _training_lock(path, name):
+        if _stamp(path) != seen:  # saved by another process while this one waited
+            hit = _verified_cache(cfg, ds, device, path, key)
+            if hit is not None:
+                return hit
+        return _train_baseline(cfg, ds, device, path, key, name)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path, name: str) -> Iterator[None]:
+    """``<cache>.lock`` held while training; a waiter says so every ~10 s (never silent for long)."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    t0, wait_s = time.perf_counter(), 0.0  # first a try without waiting, then 10 s at a time
+    while True:
+        try:
+            lock.acquire(timeout=wait_s)
+            break
+        except Timeout:
+            log.info("waiting for another process training baseline %s (%s): %.0f s so far",
+                     name, path.name, time.perf_counter() - t0)
+            wait_s = 10.0
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_baseline(cfg: DictConfig, ds: Dataset, device: torch.device, path: Path, key: str,
+                    name: str) -> tuple[Normalized, dict[str, Any]]:
     torch.manual_seed(cfg.seed)  # again: building the model for a cache load above drew random numbers
     model = new_model(cfg, ds).to(device)
 

@@ -127,6 +127,9 @@ def open_cell(cfg: DictConfig) -> Iterator[Cell]:
                             f"cell {cid}: another process took over its claim while this one computed it "
                             f"(stopped for longer than tracking.lease_s={claim.lease_s:g}); not recorded")
                     store.retry_locked(mlflow.end_run, "FINISHED")
+                # the line a person looks for at the end of a run (and, per cell, in a worker's log)
+                log.info("cell %s: run %s FINISHED in %s (experiment %r)", store.run_name(cfg), run_id,
+                         redact_url(mlflow.get_tracking_uri()), cfg.tracking.experiment)
             except BaseException as e:
                 client.set_tag(cell.run_id, sw.ERROR_TAG, redact_url(f"{type(e).__name__}: {e}")[:4000])
                 raise

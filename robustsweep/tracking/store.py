@@ -313,8 +313,14 @@ def component(node: DictConfig, key: str = "name") -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
+    """What tells cells apart first (the MLflow UI cuts names at ~20 characters): sparsity, attack
+    and budget, then the compression and the model, e.g. ``s0.50 fgsm 8/255 | l1_unstructured
+    small_cnn``; a quantized or fine-tuned cell names that too. A label for people, not an identity
+    (cells are identified by ``robustsweep.cell``)."""
     norm = str(cfg.attack.get("norm") or "linf")
-    eps = f"eps{cfg.epsilon * 255:.3g}/255" if norm == "linf" else f"{norm}eps{cfg.epsilon:.3g}"
-    return (f"{component(cfg.model)}-{component(cfg.prune, 'method')}-s{cfg.sparsity:.2f}-"
-            f"{component(cfg.attack)}-{eps}")
+    eps = f"{cfg.epsilon * 255:.3g}/255" if norm == "linf" else f"{norm} {cfg.epsilon:.3g}"
+    extra = [f"{group}={component(cfg[group])}" for group in ("quantize", "defend")
+             if isinstance(cfg.get(group), DictConfig) and component(cfg[group]) not in ("none", "None")]
+    return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", component(cfg.prune, "method"),
+                     *extra, component(cfg.model)])
 
