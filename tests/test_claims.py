@@ -171,9 +171,12 @@ def test_killed_joblib_launcher_takes_its_workers_with_it(tmp_path, monkeypatch)
             "hydra.launcher.n_jobs=2"]
     launcher = _popen(tmp_path, *args, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline:  # the hanging cell is RUNNING (its job folder first: the store exists)
-        if list(tmp_path.glob("outputs/multiruns/*/*/1")) and any(
-                r.info.status == "RUNNING" and r.data.params.get("epsilon") == "0.1" for r in _cells(tmp_path)):
+    # The hanging cell is RUNNING and the other FINISHED, so one worker computes and one is idle: both
+    # must go (an idle loky worker once outlived its launcher). Job folder first: the store exists.
+    while time.time() < deadline:
+        status = {r.data.params.get("epsilon"): r.info.status for r in _cells(tmp_path)} \
+            if list(tmp_path.glob("outputs/multiruns/*/*/1")) else {}
+        if status.get("0.1") == "RUNNING" and status.get("0.05") == "FINISHED":
             break
         time.sleep(1)
     else:

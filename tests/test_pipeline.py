@@ -125,7 +125,10 @@ def test_guards_and_sanity_are_recorded_on_the_run(make_cfg, tmp_path):
     assert r.data.metrics["sanity_asr_eps0"] == 0 and r.data.metrics["sanity_asr_unbounded"] >= 0.99
     assert r.data.metrics["sanity_n_probe"] == min(64, m["n_correct"])
     assert len(r.data.tags["robustsweep.model_sha256"]) == 64
-    assert "suspect" not in r.data.tags  # a sound model at a sane eps
+    # a sound model at a sane eps: no reason to suspect its numbers (its latency may be noise on a
+    # busy machine, as under pytest-xdist: that says nothing about the attack)
+    assert set(r.data.tags.get("suspect", "").split(",")) <= {"", "latency_noisy"}
+    assert ("latency_noisy" in r.data.tags.get("suspect", "")) == bool(m["latency_noisy"])  # tag = metric
 
 
 def test_ig_incomplete_at_the_cap_tags_the_cell_suspect(make_cfg, tmp_path):

@@ -213,6 +213,35 @@ class _Closing:
         self.lock.release()
 
 
+_BUSY_LOCK = threading.Lock()
+_BUSY = {"cells": 0, "idle_watch": 0}  # cells computing in this process; idle watch started (0/1)
+
+
+def _idle_watch(poll_s: float = 1.0) -> None:
+    """In a worker process, between cells: an idle worker whose launcher was SIGKILLed waits for work
+    that never comes (loky's and submitit's workers outlived their launcher on a busy machine). From
+    this worker's first cell on, a daemon thread ends the process once the launcher is gone and no
+    cell is computing (a computing cell's own watch fails its run first)."""
+    with _BUSY_LOCK:
+        if _BUSY["idle_watch"] or _launcher() is None:
+            return
+        _BUSY["idle_watch"] = 1
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if not launcher_gone():
+                continue
+            with _BUSY_LOCK:
+                if _BUSY["cells"]:
+                    continue
+                log.error("the launcher (%s) is gone: this idle worker stops", os.environ[LAUNCHER_ENV])
+                logging.shutdown()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="robustsweep-idle-watch", daemon=True).start()
+
+
 @contextlib.contextmanager
 def _orphan_watch(client: Any, run_id: str, claim: claims.Claim, poll_s: float = 1.0) -> Iterator[_Closing]:
     """In a worker process: once a second, is the launcher still there? When it is gone (SIGKILLed:
@@ -222,6 +251,7 @@ def _orphan_watch(client: Any, run_id: str, claim: claims.Claim, poll_s: float =
     if _launcher() is None:
         yield closing
         return
+    _idle_watch(poll_s)
 
     def watch() -> None:
         while not closing.closed.wait(poll_s):
@@ -240,10 +270,14 @@ def _orphan_watch(client: Any, run_id: str, claim: claims.Claim, poll_s: float =
                 os._exit(1)
 
     threading.Thread(target=watch, name="robustsweep-orphan-watch", daemon=True).start()
+    with _BUSY_LOCK:
+        _BUSY["cells"] += 1
     try:
         yield closing
     finally:
         closing.closed.set()
+        with _BUSY_LOCK:
+            _BUSY["cells"] -= 1
 
 
 def _reuse_as_child(client: Any, experiment_id: str, prev: Any, tags: dict[str, str],
