@@ -35,13 +35,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: one worker more than the cores (at most 6). A quarter of the suite's wall time is
-    spent waiting (subprocesses starting, a server coming up, a cell told to hang until it is
-    killed), during which a third worker on 2 cores has the CPU to itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores + 1, 6)
-
 
 def isolated_overrides(tmp: Path) -> list[str]:
     """Overrides that keep outputs, caches and the MLflow store inside ``tmp``."""
