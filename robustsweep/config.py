@@ -113,10 +113,9 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
 
     top = {*Config.__dataclass_fields__, "hydra"}
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    for o in overrides:
-        if not o.startswith("+"):
-            continue
-        key = o.lstrip("+").split("=", 1)[0].strip()
+    # each +key=value override -> its key
+    added = {o: o.lstrip("+").split("=", 1)[0].strip() for o in overrides if o.startswith("+")}
+    for o, key in added.items():
         head, _, rest = key.partition(".")
         if head == "hydra" or head.startswith("hydra/") or (not rest and key in groups | top):
             continue  # Hydra's own node; a config group picked with +group=option; a schema key
@@ -129,8 +128,7 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         sub = rest.split(".", 1)[0]
         if not isinstance(node, DictConfig) or sub == TARGET:
             continue  # a typed node (checks, perf, ...): Hydra's schema has checked it already
-        added = {o2.lstrip("+").split("=", 1)[0].strip() for o2 in overrides if o2.startswith("+")}
-        own = {k for k in node if f"{head}.{k}" not in added}
+        own = {k for k in node if f"{head}.{k}" not in added.values()}
         if sub in own:
             continue
         registry = Registry.BY_GROUP.get(head)

@@ -174,6 +174,11 @@ def parallel_jobs(launcher: DictConfig, batch: int) -> int:
     return max(1, min(batch, cores + 1 + n if n < 0 else n))
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM or taskset allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def share_cpu_threads() -> int:
     """Give this job its share of the cores: ``cores // parallel jobs`` torch threads (at least 1).
     Four joblib workers with torch's default thread count (every core each) on a 2-core machine
@@ -189,7 +194,7 @@ def share_cpu_threads() -> int:
     k = int(os.environ.get(PARALLEL_ENV) or 1)
     if k <= 1:
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     n = max(1, cores // k)
     torch.set_num_threads(n)
     log.info("torch threads: %d (%d cores shared by %d parallel jobs)", n, cores, k)

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core.device import cpu_cores
 from robustsweep.core.guards import state_tensors
 from robustsweep.steps.attacks import modes_kept
 from robustsweep.steps.quantize import twin_mode
@@ -148,8 +149,7 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device
                 out[f"latency_ms_b{b}"], out[f"latency_spread_b{b}"] = latency_stats(
                     model, x[b], int(cfg.get("warmup", 3)), int(cfg.get("min_repeats", 10)),
                     float(cfg.get("min_seconds", 0.2)))
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            out["load_per_core"] = os.getloadavg()[0] / cores
+            out["load_per_core"] = os.getloadavg()[0] / cpu_cores()
             noisy = max(out[f"latency_spread_b{b}"] for b in LATENCY_BATCHES) > NOISY_SPREAD \
                 or out["load_per_core"] > NOISY_LOAD_PER_CORE
             out["latency_noisy"] = float(noisy)
