@@ -28,6 +28,7 @@ from robustsweep.core.params import check, nonnegative_int, number_in, parse_eps
 from robustsweep.core.paths import CONF_DIR, resolve_path
 from robustsweep.core.schema import DEPRECATED_PRUNE_KEYS, register_configs
 from robustsweep.steps import evaluate
+from robustsweep.steps.compress import check_compress_config
 from robustsweep.steps.data import check_data_config
 from robustsweep.steps.defend import check_defend_config, is_none
 from robustsweep.steps.models import check_model_config
@@ -77,6 +78,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_model_config(cfg.model, cfg)
     check_train_config(cfg)
     check_prune_config(cfg.prune, cfg)
+    check_compress_config(cfg)
     check_quantize_config(cfg.get("quantize"), cfg)
     check_defend_config(cfg)
     evaluate.check_config(cfg)

@@ -32,7 +32,7 @@ from robustsweep.steps.models import with_amp
 from robustsweep.steps.train import get_baseline
 from robustsweep.tracking import reuse
 from robustsweep.tracking.cellrun import open_cell
-from robustsweep.tracking.store import component
+from robustsweep.tracking.store import component, prune_label
 from robustsweep.tracking.sweep import SUSPECT_TAG
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def compressed_model(cfg: DictConfig, ds: Dataset, device: torch.device) -> Comp
         reuse.PRUNED.drop(key)
     model, base = _baseline(cfg, ds, device)
     dense_hash = state_hash(model)
-    stages = compress.compress(model, cfg, ds)
+    # gradual pruning fine-tunes between its steps with the same defend step
+    stages = compress.compress(model, cfg, ds, finetune=lambda: defend(model, cfg, ds, changed=True))
     defend(model, cfg, ds, changed=any(s.changed for s in stages))
     measured = compress.finalize(stages)
     model.eval()
@@ -127,7 +128,7 @@ def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
     q = cfg.get("quantize")
     quant = "" if q is None or q.get("name") in (None, "none") else \
         f" {component(q)}" + (f" {q.bits} bits" if q.get("bits") is not None else "")
-    return (f"{component(cfg.model)} {component(cfg.prune, 'method')} sparsity {sparsity:.2f}{quant} | "
+    return (f"{component(cfg.model)} {prune_label(cfg)} sparsity {sparsity:.2f}{quant} | "
             f"{component(cfg.attack)} eps {eps_label(float(cfg.epsilon), attack_norm(cfg.attack))}")
 
 

@@ -98,6 +98,11 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
         cell["attack.norm"] = cell["attack.norm"] or "linf"  # runs from before attack.norm: L-inf
+        # one panel, curve, colour per way of pruning: the schedule and BN recalibration are part of it
+        if p.get("prune.schedule") == "gradual":
+            cell["prune.method"] += f"/gradual{p.get('prune.steps', '')}"
+        if p.get("compress.bn_recalibrate", "0") not in ("0", ""):
+            cell["prune.method"] += f"+bn{p['compress.bn_recalibrate']}"
         cell["attack"] = attack_label(cell)
         cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p
@@ -327,8 +332,8 @@ def security_curves(client: Any, cells: list[dict[str, Any]]) -> plt.Figure | No
 
 def compression_label(cell: dict[str, Any]) -> str:
     """``dense``, or the compress methods and their levels (``global_l1 0.50``, ``fake 4b``,
-    ``global_l1 0.50 + int8``, ``channel 0.50 + ft 2ep`` after a fine-tune): parts joined by " + ",
-    each a method name and its level."""
+    ``global_l1 0.50 + int8``, ``channel 0.50 + ft 2ep`` after a fine-tune, ``global_l1/gradual3+bn512
+    0.75 + ft 1ep``): parts joined by " + ", each a method name and its level."""
     method = cell.get("prune.method") or "none"
     parts = [] if method == "none" or not cell["sparsity"] else [f"{method} {cell['sparsity']:.2f}"]
     q = cell.get("quantize.name") or "none"

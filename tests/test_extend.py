@@ -35,16 +35,44 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_a_store_from_before_the_seams_resumes_with_zero_cells_run(tmp_path):
-    out = tmp_path / "outputs"
+# A store written by the code before the reference AutoAttack, BN recalibration and gradual pruning
+# (commit 898906d; 2 cells, AutoAttack at torchattacks' 10 iterations):
+#   python -m robustsweep -m experiment=quickstart attack=autoattack sparsity=0,0.5 epsilon=0.1 \
+#       data.n_eval=40 attribution=none
+# Its cells are attack=autoattack_fast now; the prune node has gained schedule/steps, the config a
+# compress node: at their neutral values none of that is part of a cell's identity.
+FIXTURE_AA = REPO / "tests" / "fixtures" / "autoattack_store_898906d.db.gz"
+FIXTURE_AA_ROOT = "/tmp/before_out/aa/outputs"
+
+
+def _restore(fixture: Path, root: str, out: Path) -> Path:
     out.mkdir()
     db = out / "mlflow.db"
-    with gzip.open(FIXTURE) as src, open(db, "wb") as dst:
+    with gzip.open(fixture) as src, open(db, "wb") as dst:
         shutil.copyfileobj(src, dst)
     with sqlite3.connect(db) as con:  # the store moved here: point its artifact roots here too
         con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                    (FIXTURE_ROOT, str(out)))
-        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (FIXTURE_ROOT, str(out)))
+                    (root, str(out)))
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (root, str(out)))
+    return db
+
+
+def test_a_store_from_before_the_reference_autoattack_resumes_as_autoattack_fast(tmp_path):
+    db = _restore(FIXTURE_AA, FIXTURE_AA_ROOT, tmp_path / "outputs")
+    p = cli(tmp_path, "-m", "experiment=quickstart", "attack=autoattack_fast", "sparsity=0,0.5", "epsilon=0.1",
+            "data.n_eval=40", "attribution=none")
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert "sweep of 2 cells: 2 already FINISHED in the store (skipped), 0 to run" in log, log[-3000:]
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing computed
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("robustsweep")
+    assert len(client.search_runs([exp.experiment_id], "tags.`robustsweep.role` = 'cell'")) == 2
+
+
+def test_a_store_from_before_the_seams_resumes_with_zero_cells_run(tmp_path):
+    out = tmp_path / "outputs"
+    db = _restore(FIXTURE, FIXTURE_ROOT, out)
     p = cli(tmp_path, "-m", *QUICKSTART_GRID)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-3000:]

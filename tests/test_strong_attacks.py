@@ -222,7 +222,7 @@ def test_linf_default_norm_leaves_cell_ids_unchanged(make_cfg):
 def test_autoattack_cell_end_to_end_logs_breakdown_outcomes_curve_and_transfer(make_cfg):
     import mlflow
 
-    cfg = make_cfg("attack=autoattack", "epsilon=0.1", "sparsity=0.5", "transfer=dense", "min_norm=bisect",
+    cfg = make_cfg("attack=autoattack_fast", "epsilon=0.1", "sparsity=0.5", "transfer=dense", "min_norm=bisect",
                    "min_norm.n_bisect=4", "attribution=none")
     m = run(cfg)
     assert 0 < m["asr"] <= 1

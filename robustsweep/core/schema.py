@@ -113,6 +113,15 @@ class PerfConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Settings of the compress step that are not a stage's own group (robustsweep.steps.compress)."""
+
+    # training images whose batch statistics replace every BatchNorm's running statistics after
+    # compression and any fine-tune, before quantization (0 = off: the dense model's statistics)
+    bn_recalibrate: int = 0
+
+
+@dataclass
 class Config:
     """Top-level keys. Group nodes (data, model, ...) are plain YAML under conf/<group>/."""
 
@@ -126,6 +135,7 @@ class Config:
     train: Any = None
     objective: Any = None  # the dense baseline's training objective (conf/objective/)
     prune: Any = field(default_factory=lambda: dict.fromkeys(DEPRECATED_PRUNE_KEYS))
+    compress: CompressConfig = field(default_factory=CompressConfig)
     defend: Any = None  # fine-tuning after compression (conf/defend/; none = no fine-tune)
     quantize: Any = None  # post-training quantization after pruning (conf/quantize/; none = float)
     attack: Any = None

@@ -29,6 +29,10 @@ def mcnemar(a_ok: np.ndarray, b_ok: np.ndarray) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def _diffs(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return b[idx].mean(1) - a[idx].mean(1)
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float]:
     """``mean(b) - mean(a)`` and its percentile interval, resampling the images (same indices for
@@ -38,7 +42,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
         raise ValueError(f"paired_bootstrap: needs two 1-D arrays over the same images, got {a.shape}, "
                          f"{b.shape}")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), (n_boot, len(a)))
-    diffs = b[idx].mean(1) - a[idx].mean(1)
+    # in chunks of resamples (the same stream as one draw): 2000 x 10,000 indices would be 160 MB
+    chunk = max(1, 2_000_000 // len(a))
+    diffs = np.concatenate([_diffs(a, b, rng.integers(0, len(a), (min(chunk, n_boot - i), len(a))))
+                            for i in range(0, n_boot, chunk)])
     lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
     return float(b.mean() - a.mean()), float(lo), float(hi)

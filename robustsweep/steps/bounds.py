@@ -379,7 +379,8 @@ def _out_shape(nodes: list, lo: torch.Tensor) -> tuple[int, ...]:
 def crown_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_classes: int,
                   method: str = "crown", chunk: int = 512) -> torch.Tensor:
     """Lower bounds (B, K-1) on logit_y - logit_j over the ball by CROWN (``crown``: intermediate
-    bounds by CROWN, plain stacks only) or CROWN-IBP (``crown-ibp``: intermediate bounds by IBP)."""
+    bounds by CROWN, plain stacks only) or CROWN-IBP (``crown-ibp``: intermediate bounds by IBP),
+    never below IBP's bound on any specification (the per-specification maximum of the two)."""
     nodes = flatten(model)
     lo, hi = input_box(x, eps)
     shapes: dict = {}
@@ -395,7 +396,11 @@ def crown_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         elif method != "crown-ibp":
             raise ValueError(f"method={method!r}; allowed: crown, crown-ibp")
         spec = spec_matrix(y, n_classes)
-        return _lower(nodes, spec, lo, hi, shapes, relu_bounds)
+        crown = _lower(nodes, spec, lo, hi, shapes, relu_bounds)
+    # CROWN's linear relaxation is not always tighter than interval arithmetic: on IBP-trained
+    # networks it fell below IBP on up to 365 of 1,800 specifications (by up to 1.14). Both are
+    # sound lower bounds, so their per-specification maximum is sound and at least IBP's.
+    return torch.max(crown, ibp_margins(model, x, y, eps, n_classes))
 
 
 def crown_memory_bytes(model: nn.Module, image_shape: tuple[int, ...], batch: int, chunk: int,

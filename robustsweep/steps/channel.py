@@ -28,7 +28,7 @@ from torch import nn
 
 from robustsweep.core.params import check, positive_int
 from robustsweep.steps.models import meta_model
-from robustsweep.steps.prune import LAYER_TYPES, STRUCTURAL, register_prune
+from robustsweep.steps.prune import LAYER_TYPES, STRUCTURAL, expand_exclude, register_prune
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def _check_channel(node: DictConfig, cfg: DictConfig) -> None:
     exclude = list(node.get("exclude") or [])
     # The wrapped model, as remove_channels sees it: exclude patterns match its names (net.0).
     model = meta_model(cfg)
+    exclude = expand_exclude(model, exclude)  # the roles first/last -> module names
     counts = channel_counts(model, exclude)
     if not counts:
         convs = list(channel_counts(model))

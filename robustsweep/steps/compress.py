@@ -4,9 +4,12 @@ Each stage is a config group with a neutral option (``prune=none``) and a functi
 ``stage(model, cfg) -> Stage``: it changes the model in place and says how to finish the job
 (``finalize``, called after the ``defend`` step: pruning keeps its masks attached through a
 fine-tune and folds them in afterwards) and what it measured (``sparsity_measured``). Today's
-stage is pruning: masks (robustsweep.steps.prune) or, for ``prune=channel``, channel removal
-(robustsweep.steps.channel). Further stages plug in in ``STAGES`` order, each declaring its
-metric names in ``METRICS``. Stages get the data too (calibration images, the input shape).
+stages, in order: pruning -- masks (robustsweep.steps.prune), one-shot or gradual, or for
+``prune=channel`` channel removal (robustsweep.steps.channel) --, BatchNorm recalibration
+(``compress.bn_recalibrate``), quantization. Further stages plug in in ``STAGES`` order, each
+declaring its metric names in ``METRICS``. Stages get the data too (calibration images, the input
+shape) and the fine-tune (``finetune``: the ``defend`` step, which gradual pruning runs between
+its steps).
 """
 
 from __future__ import annotations
@@ -15,33 +18,67 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core.params import check
+from robustsweep.core.stats import mcnemar, paired_bootstrap
 from robustsweep.steps.channel import remove_channels
-from robustsweep.steps.data import Dataset, to_float
-from robustsweep.steps.prune import PRUNE_METHODS, apply_pruning, make_permanent, measured_sparsity
+from robustsweep.steps.data import Dataset, to_float, train_size
+from robustsweep.steps.models import meta_model
+from robustsweep.steps.prune import (
+    PRUNE_METHODS,
+    expand_exclude,
+    make_permanent,
+    measured_sparsity,
+    prune_targets,
+    schedule,
+    select_targets,
+)
 from robustsweep.steps.quantize import METRICS as QUANT_METRICS
 from robustsweep.steps.quantize import QUANTIZERS, is_none
 
+
+@torch.inference_mode()
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Per image, whether ``model`` (eval mode) classifies it right: bool (N,)."""
+    model.eval()
+    return np.concatenate([(model(to_float(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).cpu().numpy()
+                           for i in range(0, len(x), batch_size)])
+
 log = logging.getLogger(__name__)
+
+
+Finetune = Callable[[], None]  # the defend step's fine-tune of the model being compressed
 
 
 @dataclass
 class Stage:
     changed: bool  # whether the stage touched the model (a fine-tune only follows a real change)
     finalize: Callable[[], dict[str, float]] = field(default=lambda: {})  # -> measured metrics
+    compresses: bool = False  # whether the shipped model differs from the dense one because of it
+    after_compression: bool = False  # finalize only if another stage compresses (BN recalibration)
 
 
-def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
-    """``prune.*`` at the top-level ``sparsity``: masks attached now, folded in by finalize
-    (``prune=channel``: channels removed now)."""
+def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune) -> Stage:
+    """``prune.*`` at the top-level ``sparsity``: masks attached now (gradually: each step but the
+    last followed by ``finetune``), folded in by finalize (``prune=channel``: channels removed now)."""
     node = cfg.prune
     method = PRUNE_METHODS.name_of(node)
     if method == "channel" and not node.get("_target_"):
-        return channel_stage(model, cfg, ds)
-    targets = apply_pruning(model, node, cfg.sparsity, node.layers, node.get("exclude") or (), seed=cfg.seed)
+        return channel_stage(model, cfg, ds, finetune)
+    fn = PRUNE_METHODS.resolve(node)
+    targets = select_targets(model, node.layers, node.get("exclude") or (), method)
+    steps = schedule(node, float(cfg.sparsity)) if method != "none" and cfg.sparsity > 0 else [0.0]
+    for i, s in enumerate(steps):
+        if i:  # gradual: fine-tune the previous step, fold its masks in, prune the current weights to s
+            finetune()
+            make_permanent(targets)
+            log.info("gradual pruning: step %d/%d to sparsity %.4f (measured before: %.4f)", i + 1,
+                     len(steps), s, measured_sparsity(targets))
+        prune_targets(targets, fn, method, s, model, seed=int(cfg.seed))
 
     def finalize() -> dict[str, float]:
         make_permanent(targets)
@@ -52,7 +89,8 @@ def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
                  len(targets), method, sparsity, cfg.sparsity)
         return {"sparsity_measured": sparsity}
 
-    return Stage(changed=method != "none" and cfg.sparsity > 0, finalize=finalize)
+    changed = method != "none" and cfg.sparsity > 0
+    return Stage(changed=changed, finalize=finalize, compresses=changed)
 
 
 def calibration_images(cfg: DictConfig, ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +102,7 @@ def calibration_images(cfg: DictConfig, ds: Dataset, n: int) -> tuple[torch.Tens
     return to_float(x[idx.to(x.device)]), y[idx.to(y.device)]
 
 
-def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
+def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune) -> Stage:
     """``prune=channel``: the least important channels removed (a smaller dense model); a
     fine-tune after it trains the smaller model."""
     node = cfg.prune
@@ -75,11 +113,64 @@ def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
         calib = (x.to(device), y.to(device))
     measured = remove_channels(model, float(cfg.sparsity), str(node.get("importance", "l1")),
                                to_float(ds.x_test[:2]).to(device), len(ds.classes),
-                               list(node.get("exclude") or []), calib, seed=int(cfg.seed))
-    return Stage(changed=cfg.sparsity > 0, finalize=lambda: measured)
+                               expand_exclude(model, list(node.get("exclude") or [])), calib,
+                               seed=int(cfg.seed))
+    return Stage(changed=cfg.sparsity > 0, finalize=lambda: measured, compresses=cfg.sparsity > 0)
 
 
-def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
+def check_compress_config(cfg: DictConfig) -> None:
+    """``compress.bn_recalibrate``: 0 (off) or a number of training images up to the training
+    split's size, on a model that has BatchNorm layers."""
+    n = cfg.compress.get("bn_recalibrate", 0) if cfg.get("compress") is not None else 0
+    if n == 0:
+        return
+    size = train_size(cfg.data)
+    top = f"[0, {size}]" if size else ">= 0"
+    check(isinstance(n, int) and not isinstance(n, bool) and n > 0 and (size is None or n <= size),
+          "compress.bn_recalibrate", n, f"an integer in {top}: training images whose batch statistics replace "
+          f"the BatchNorm running statistics after compression (0 = off)")
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in meta_model(cfg).modules())
+    check(has_bn, "compress.bn_recalibrate", n,
+          f"0 for model={cfg.model.get('name') or cfg.model.get('_target_')!r}: it has no BatchNorm layers")
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Reset every BatchNorm's running statistics and re-estimate them from ``x`` (images in
+    [0, 1]) in train mode, as a cumulative average over the batches (adaptive BN: Li et al.,
+    "EagleEye", ECCV 2020; NNCF's ``num_bn_adaptation_samples``). torch's own
+    ``torch.optim.swa_utils.update_bn`` does exactly this; the model is returned in eval mode."""
+    torch.optim.swa_utils.update_bn((x[i:i + batch_size] for i in range(0, len(x), batch_size)), model)
+    model.eval()
+
+
+def bn_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune) -> Stage:
+    """``compress.bn_recalibrate`` images: after pruning (and any fine-tune), before quantization,
+    the BatchNorm statistics re-estimated for the compressed network. Only when another stage
+    compressed the model: the dense reference stays the baseline. Measures the accuracy on the whole
+    test split (not the eval subset: the compressed model is shared by cells whatever their
+    ``data.n_eval``) before (``test_acc_stale_bn``) and the change (``bn_recal_gain``)."""
+    n = int(cfg.compress.get("bn_recalibrate", 0)) if cfg.get("compress") is not None else 0
+    if n == 0:
+        return Stage(changed=False)
+
+    def finalize() -> dict[str, float]:
+        device = next(model.parameters()).device
+        x = calibration_images(cfg, ds, n)[0].to(device)
+        before = correct(model, ds.x_test, ds.y_test)
+        recalibrate_bn(model, x)
+        after = correct(model, ds.x_test, ds.y_test)
+        # the same images before and after: a paired interval and McNemar's test
+        gain, lo, hi = paired_bootstrap(before, after)
+        log.info("BatchNorm recalibrated on %d training images: test accuracy %.4f -> %.4f, change %+.4f "
+                 "[%+.4f, %+.4f] (%d test images)", n, before.mean(), after.mean(), gain, lo, hi, len(before))
+        return {"test_acc_stale_bn": float(before.mean()), "bn_recal_gain": gain, "bn_recal_gain_lo": lo,
+                "bn_recal_gain_hi": hi, "bn_recal_mcnemar_p": mcnemar(before, after)}
+
+    return Stage(changed=False, finalize=finalize, after_compression=True)
+
+
+def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune) -> Stage:
     """``quantize.*``: post-training quantization, applied in finalize -- after pruning's masks are
     folded in and after any fine-tune -- so it quantizes the model that would be shipped."""
     node = cfg.get("quantize")
@@ -91,24 +182,29 @@ def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset) -> Stage:
     def calib() -> torch.Tensor:  # decoded only if the method asks (the training split is lazy)
         return calibration_images(cfg, ds, n_calib)[0]
 
-    return Stage(changed=False, finalize=lambda: fn(model, node, calib))
+    return Stage(changed=False, finalize=lambda: fn(model, node, calib), compresses=True)
 
 
-# In order. Each: (config group, stage function).
-STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset], Stage]], ...] = (
-    ("prune", prune_stage), ("quantize", quantize_stage))
+# In order. Each: (config node, stage function).
+STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]], ...] = (
+    ("prune", prune_stage), ("compress", bn_stage), ("quantize", quantize_stage))
 # every metric a stage's finalize may return
-METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", *QUANT_METRICS)
+METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", "test_acc_stale_bn", "bn_recal_gain",
+                            "bn_recal_gain_lo", "bn_recal_gain_hi", "bn_recal_mcnemar_p", *QUANT_METRICS)
 
 
-def compress(model: nn.Module, cfg: DictConfig, ds: Dataset) -> list[Stage]:
-    """Apply every stage to ``model`` in place; finalize them (``finalize``) after ``defend``."""
-    return [stage(model, cfg, ds) for _, stage in STAGES]
+def compress(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune | None = None) -> list[Stage]:
+    """Apply every stage to ``model`` in place; finalize them (``finalize``) after ``defend``.
+    ``finetune``: the defend step (gradual pruning calls it between its steps)."""
+    return [stage(model, cfg, ds, finetune or (lambda: None)) for _, stage in STAGES]
 
 
 def finalize(stages: list[Stage]) -> dict[str, float]:
-    """Finish every stage (e.g. fold pruning masks in); what they measured."""
+    """Finish every stage in order (fold pruning masks in, recalibrate BatchNorm, quantize); what
+    they measured."""
     measured: dict[str, float] = {}
+    compressed = any(s.compresses for s in stages)
     for s in stages:
-        measured.update(s.finalize())
+        if compressed or not s.after_compression:
+            measured.update(s.finalize())
     return measured

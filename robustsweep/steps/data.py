@@ -344,6 +344,20 @@ def shape_hint(cfg: DictConfig) -> tuple[int, int, int]:
     return int(cfg.get("channels", 3)), int(cfg.get("size", 32)), int(cfg.get("num_classes", 10))
 
 
+def train_size(cfg: DictConfig) -> int | None:
+    """Images in the training split of a data config, without decoding (None: not known before
+    loading, e.g. a ``_target_`` dataset)."""
+    if cfg.get("_target_"):
+        return None
+    if cfg.get("name") == "digits":
+        return 1797 - round(1797 * cfg.get("test_fraction", 0.2))
+    if cfg.get("name") == "cifar10":
+        return 50000
+    if cfg.get("name") == "imagefolder":
+        return len(_list_split(resolve_path(cfg.root) / "train")[0])
+    return None
+
+
 # ------------------------------------------------------------------------------------- facade
 def _checked(x: np.ndarray, name: str) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:

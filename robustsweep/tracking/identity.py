@@ -2,7 +2,8 @@
 
 ``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``:
 paths, tracking, Hydra, search, checks, efficiency, perf except ``perf.amp``; ``attack.norm`` when it is
-``linf``, the only norm before the key existed) and minus every step at its
+``linf``, the only norm before the key existed; ``LATER_KEYS`` at their neutral value) and minus
+every step at its
 neutral default (a group node whose ``name``/``method`` is ``none``). So a new config group whose
 default is ``none`` leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming.
 ``cell_id`` hashes it; the per-process reuse keys (robustsweep.tracking.reuse) derive from it too,
@@ -30,6 +31,10 @@ from robustsweep.core.params import parse_epsilon
 NOT_RESULTS = ("paths", "tracking", "hydra", "search", "checks", "efficiency", "perf")
 NEUTRAL = "none"
 TARGET = "_target_"
+# Keys added after identity v2, dropped at their neutral value (which computes the cell exactly as
+# it was computed before they existed), so stores made before them keep resuming:
+# (node, key, neutral value, keys that matter only when key is not neutral)
+LATER_KEYS = (("compress", "bn_recalibrate", 0, ()), ("prune", "schedule", "oneshot", ("steps",)))
 
 
 def _is_neutral(node: Any) -> bool:
@@ -46,6 +51,13 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
     c["epsilon"] = parse_epsilon(c["epsilon"], norm or "linf")  # "8/255" and 0.0313725... are the same cell
     if (amp := amp_name(cfg)) != "none":
         c["perf"] = {"amp": amp}
+    for node, key, neutral, companions in LATER_KEYS:
+        d = c.get(node)
+        if isinstance(d, dict) and d.get(key, neutral) == neutral:
+            for k in (key, *companions):
+                d.pop(k, None)
+            if not d:
+                c.pop(node)
     if isinstance(c.get("attack"), dict) and c["attack"].get("norm") == "linf":
         c["attack"] = {k: v for k, v in c["attack"].items() if k != "norm"}  # the default before attack.norm
     return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(c), resolve=True), default=str))

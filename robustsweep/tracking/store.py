@@ -321,6 +321,16 @@ def run_name(cfg: DictConfig) -> str:
     eps = f"{cfg.epsilon * 255:.3g}/255" if norm == "linf" else f"{norm} {cfg.epsilon:.3g}"
     extra = [f"{group}={component(cfg[group])}" for group in ("quantize", "defend")
              if isinstance(cfg.get(group), DictConfig) and component(cfg[group]) not in ("none", "None")]
-    return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", component(cfg.prune, "method"),
+    return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", prune_label(cfg),
                      *extra, component(cfg.model)])
+
+
+def prune_label(cfg: DictConfig) -> str:
+    """The prune method, its schedule when gradual and BN recalibration when on:
+    ``global_l1/gradual3+bn256``."""
+    label = component(cfg.prune, "method")
+    if cfg.prune.get("schedule", "oneshot") == "gradual":
+        label += f"/gradual{cfg.prune.get('steps')}"
+    bn = cfg.compress.get("bn_recalibrate", 0) if isinstance(cfg.get("compress"), DictConfig) else 0
+    return label + (f"+bn{bn}" if bn else "")
 
