@@ -155,9 +155,60 @@ def test_gradual_in_a_cell_fine_tunes_after_every_step(make_cfg, caplog):
     (["prune.schedule=gradual", "prune=random_unstructured", "defend=clean"], "prune.schedule", "oneshot"),
     (["prune.schedule=gradual", "prune=channel", "sparsity=0.25", "defend=clean"], "prune.schedule", "oneshot"),
     (["prune.schedule=slowly"], "prune.schedule", "oneshot or gradual"),
+    (["prune=hydra", "defend=pgd_at", "prune.score_epochs=0"], "prune.score_epochs", "integer > 0"),
+    (["prune=hydra"], "defend.name", "pgd_at, trades, fast_at, clean"),
+    (["prune=hydra", "defend=noise"], "defend.name", "pgd_at, trades, fast_at, clean"),
+    (["prune=hydra", "defend=pgd_at", "prune.scope=row"], "prune.scope", "layer or global"),
+    (["prune=hydra", "defend=pgd_at", "prune.schedule=gradual"], "prune.schedule", "oneshot for prune=hydra"),
 ])
 def test_bad_compression_settings_are_refused_before_any_run(overrides, key, words):
     with pytest.raises(ConfigError) as e:
         validate(compose(overrides))
     msg = str(e.value)
     assert msg.startswith(f"{key}=") and "allowed" in msg and words in msg, msg
+
+
+# ------------------------------------------------------------------------------------- HYDRA
+def test_hydra_top_k_passes_the_gradient_straight_through():
+    from robustsweep.steps.hydra import _TopK
+
+    s = torch.tensor([0.3, -2.0, 0.1, 1.0], requires_grad=True)
+    mask = _TopK.apply(s, torch.tensor(0.3))
+    assert mask.tolist() == [1.0, 1.0, 0.0, 1.0]
+    (mask * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert s.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_hydra_scores_start_as_the_magnitude_mask_move_and_leave_the_weights_alone(make_cfg):
+    """By hand: the initial scores sqrt(6/fan_in) * w / max|w| order each layer like |w|, so the
+    first mask is torch's l1_unstructured mask; after score training every parameter is bit-identical,
+    each mask keeps round((1 - s) n) weights and some kept weights differ from the magnitude mask."""
+    from torch.nn.utils import prune as tprune
+
+    from robustsweep.steps.data import load_dataset
+    from robustsweep.steps.hydra import Scores, train_scores
+    from robustsweep.steps.train import new_model
+
+    cfg = validate(make_cfg("prune=hydra", "defend=clean", "sparsity=0.5", "prune.score_epochs=1"))
+    ds = load_dataset(cfg.data)
+    model = new_model(cfg, ds)
+    targets = select_targets(model, ["conv", "linear"])
+    for (_, m), s in zip(targets, Scores(targets, 0.5, "layer").scores, strict=True):
+        fan_in = m.weight[0].numel()
+        assert torch.allclose(s, (6 / fan_in) ** 0.5 * m.weight / m.weight.abs().max())
+    init = [Scores(targets, 0.5, "layer").masks()[i] for i in range(len(targets))]
+    for (_, m), mask in zip(targets, init, strict=True):
+        w = m.weight.detach().contiguous()  # torch's mask code views the weight flat
+        ref = tprune.L1Unstructured(amount=0.5).compute_mask(w, torch.ones_like(w))
+        assert torch.equal(mask, ref)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    masks, moved = train_scores(model, targets, 0.5, cfg.prune, cfg, ds)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+        assert v.requires_grad
+    assert not any(hasattr(m, "parametrizations") for _, m in targets)
+    for (_, m), mask in zip(targets, masks, strict=True):
+        assert int(mask.sum()) == round(0.5 * m.weight.numel())
+    assert 0 < moved < 1
+    assert moved == pytest.approx(sum(float((m * (1 - m0)).sum()) for m, m0 in zip(masks, init, strict=True))
+                                  / sum(float(m.sum()) for m in masks))

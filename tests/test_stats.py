@@ -11,7 +11,7 @@ from robustsweep.core.stats import mcnemar, paired_bootstrap
 from robustsweep.tracking.outcomes import compare
 
 
-@pytest.mark.parametrize("b,c", [(0, 0), (3, 9), (10, 10), (1, 30), (40, 25)])
+@pytest.mark.parametrize("b,c", [(0, 0), (3, 9), (10, 10), (1, 30), (40, 25), (700, 800), (2, 4300)])
 def test_mcnemar_is_the_exact_binomial_test_on_discordant_pairs(b, c):
     a_ok = np.array([True] * b + [False] * c + [True] * 50 + [False] * 7)
     b_ok = np.array([False] * b + [True] * c + [True] * 50 + [False] * 7)

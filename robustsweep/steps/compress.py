@@ -25,11 +25,13 @@ from torch import nn
 
 from robustsweep.core.params import check
 from robustsweep.core.stats import mcnemar, paired_bootstrap
+from robustsweep.steps import hydra
 from robustsweep.steps.channel import remove_channels
 from robustsweep.steps.data import Dataset, to_float, train_size
 from robustsweep.steps.models import meta_model
 from robustsweep.steps.prune import (
     PRUNE_METHODS,
+    Targets,
     expand_exclude,
     make_permanent,
     measured_sparsity,
@@ -67,8 +69,8 @@ def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetu
     last followed by ``finetune``), folded in by finalize (``prune=channel``: channels removed now)."""
     node = cfg.prune
     method = PRUNE_METHODS.name_of(node)
-    if method == "channel" and not node.get("_target_"):
-        return channel_stage(model, cfg, ds, finetune)
+    if method in OWN_STAGES and not node.get("_target_"):
+        return OWN_STAGES[method](model, cfg, ds, finetune)
     fn = PRUNE_METHODS.resolve(node)
     targets = select_targets(model, node.layers, node.get("exclude") or (), method)
     steps = schedule(node, float(cfg.sparsity)) if method != "none" and cfg.sparsity > 0 else [0.0]
@@ -79,6 +81,12 @@ def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetu
             log.info("gradual pruning: step %d/%d to sparsity %.4f (measured before: %.4f)", i + 1,
                      len(steps), s, measured_sparsity(targets))
         prune_targets(targets, fn, method, s, model, seed=int(cfg.seed))
+    return _masks_stage(targets, method, cfg)
+
+
+def _masks_stage(targets: Targets, method: str, cfg: DictConfig,
+                 measured: dict[str, float] | None = None) -> Stage:
+    """The stage of a method that attached masks: finalize folds them in and measures the sparsity."""
 
     def finalize() -> dict[str, float]:
         make_permanent(targets)
@@ -87,7 +95,7 @@ def prune_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetu
             log.warning("prune.method=none: sparsity=%s is ignored (measured %.4f)", cfg.sparsity, sparsity)
         log.info("pruned %d tensors with %s to measured sparsity %.4f (asked %.4f)",
                  len(targets), method, sparsity, cfg.sparsity)
-        return {"sparsity_measured": sparsity}
+        return {"sparsity_measured": sparsity, **(measured or {})}
 
     changed = method != "none" and cfg.sparsity > 0
     return Stage(changed=changed, finalize=finalize, compresses=changed)
@@ -116,6 +124,19 @@ def channel_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Fine
                                expand_exclude(model, list(node.get("exclude") or [])), calib,
                                seed=int(cfg.seed))
     return Stage(changed=cfg.sparsity > 0, finalize=lambda: measured, compresses=cfg.sparsity > 0)
+
+
+def hydra_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune) -> Stage:
+    """``prune=hydra``: importance scores trained on the defend objective's loss with the weights
+    frozen, their top-k mask attached (robustsweep.steps.hydra); the defend step fine-tunes after."""
+    node = cfg.prune
+    targets = select_targets(model, node.layers, node.get("exclude") or (), "hydra")
+    measured = {}
+    if cfg.sparsity > 0:
+        masks, moved = hydra.train_scores(model, targets, float(cfg.sparsity), node, cfg, ds)
+        hydra.attach(targets, masks)
+        measured["hydra_mask_moved"] = moved
+    return _masks_stage(targets, "hydra", cfg, measured)
 
 
 def check_compress_config(cfg: DictConfig) -> None:
@@ -185,12 +206,16 @@ def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Fin
     return Stage(changed=False, finalize=lambda: fn(model, node, calib), compresses=True)
 
 
+# prune methods that are a whole stage of their own (they change the architecture or train first)
+OWN_STAGES: dict[str, Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]] = {
+    "channel": channel_stage, "hydra": hydra_stage}
 # In order. Each: (config node, stage function).
 STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]], ...] = (
     ("prune", prune_stage), ("compress", bn_stage), ("quantize", quantize_stage))
 # every metric a stage's finalize may return
-METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", "test_acc_stale_bn", "bn_recal_gain",
-                            "bn_recal_gain_lo", "bn_recal_gain_hi", "bn_recal_mcnemar_p", *QUANT_METRICS)
+METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", "hydra_mask_moved", "test_acc_stale_bn",
+                            "bn_recal_gain", "bn_recal_gain_lo", "bn_recal_gain_hi", "bn_recal_mcnemar_p",
+                            *QUANT_METRICS)
 
 
 def compress(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune | None = None) -> list[Stage]:

@@ -45,17 +45,19 @@ log = logging.getLogger(__name__)
 
 Targets = list[tuple[str, nn.Module]]
 # prune=channel (robustsweep.steps.channel) registers itself when first looked up
-PRUNE_METHODS: Registry[Callable[[Targets, float], None]] = Registry("prune", key="method",
-                                                                     plugins=("robustsweep.steps.channel",))
+PRUNE_METHODS: Registry[Callable[[Targets, float], None]] = Registry(
+    "prune", key="method", plugins=("robustsweep.steps.channel", "robustsweep.steps.hydra"))
 register_prune = PRUNE_METHODS.register
 # methods that change the architecture instead of attaching masks (the compress stage calls them;
 # apply_pruning refuses them): prune=channel
 STRUCTURAL: set[str] = set()
+# methods that train before they mask (the compress stage calls them): prune=hydra
+TRAINED: set[str] = set()
 
 
 def mask_methods() -> list[str]:
     """The registered methods that attach ``torch.nn.utils.prune`` masks (all but ``none`` and STRUCTURAL)."""
-    return sorted(set(PRUNE_METHODS) - STRUCTURAL - {"none"})
+    return sorted(set(PRUNE_METHODS) - STRUCTURAL - TRAINED - {"none"})
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
