@@ -38,6 +38,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from robustsweep.core.params import eps_label
+from robustsweep.tracking.store import pruning_label
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,8 @@ def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
         cell["attack.norm"] = cell["attack.norm"] or "linf"  # runs from before attack.norm: L-inf
         # one panel, curve, colour per way of pruning: the schedule and BN recalibration are part of it
-        if p.get("prune.schedule") == "gradual":
-            cell["prune.method"] += f"/gradual{p.get('prune.steps', '')}"
-        if p.get("compress.bn_recalibrate", "0") not in ("0", ""):
-            cell["prune.method"] += f"+bn{p['compress.bn_recalibrate']}"
+        cell["prune.method"] = pruning_label(cell["prune.method"], p.get("prune.schedule", "oneshot"),
+                                             p.get("prune.steps"), p.get("compress.bn_recalibrate"))
         cell["attack"] = attack_label(cell)
         cell.update({k: m.get(k, math.nan) for k in key_metrics()})
         cell["params"] = p

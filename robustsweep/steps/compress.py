@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -41,14 +41,7 @@ from robustsweep.steps.prune import (
 )
 from robustsweep.steps.quantize import METRICS as QUANT_METRICS
 from robustsweep.steps.quantize import QUANTIZERS, is_none
-
-
-@torch.inference_mode()
-def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """Per image, whether ``model`` (eval mode) classifies it right: bool (N,)."""
-    model.eval()
-    return np.concatenate([(model(to_float(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).cpu().numpy()
-                           for i in range(0, len(x), batch_size)])
+from robustsweep.steps.train import correct
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +132,15 @@ def hydra_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetu
     return _masks_stage(targets, "hydra", cfg, measured)
 
 
+def bn_images(cfg: DictConfig) -> Any:
+    """``compress.bn_recalibrate`` as written (0 when the config has no compress node)."""
+    return cfg.compress.get("bn_recalibrate", 0) if cfg.get("compress") is not None else 0
+
+
 def check_compress_config(cfg: DictConfig) -> None:
     """``compress.bn_recalibrate``: 0 (off) or a number of training images up to the training
     split's size, on a model that has BatchNorm layers."""
-    n = cfg.compress.get("bn_recalibrate", 0) if cfg.get("compress") is not None else 0
+    n = bn_images(cfg)
     if n == 0:
         return
     size = train_size(cfg.data)
@@ -171,7 +169,7 @@ def bn_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune)
     compressed the model: the dense reference stays the baseline. Measures the accuracy on the whole
     test split (not the eval subset: the compressed model is shared by cells whatever their
     ``data.n_eval``) before (``test_acc_stale_bn``) and the change (``bn_recal_gain``)."""
-    n = int(cfg.compress.get("bn_recalibrate", 0)) if cfg.get("compress") is not None else 0
+    n = int(bn_images(cfg))
     if n == 0:
         return Stage(changed=False)
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -107,14 +108,19 @@ def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torc
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Per image (uint8 or [0, 1] ``x``), whether ``model`` in eval mode classifies it right: bool
+    (N,). The model's mode is restored."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(to_float(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum().item()
+    out = [(model(to_float(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).cpu().numpy()
+           for i in range(0, len(x), batch_size)]
     model.train(was_training)
-    return correct / max(len(x), 1)
+    return np.concatenate(out) if out else np.zeros(0, bool)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    return int(correct(model, x, y, batch_size).sum()) / max(len(x), 1)
 
 
 def train_model(model: nn.Module, ds: Dataset, cfg: DictConfig, seed: int, epochs: int | None = None,

@@ -328,9 +328,13 @@ def run_name(cfg: DictConfig) -> str:
 def prune_label(cfg: DictConfig) -> str:
     """The prune method, its schedule when gradual and BN recalibration when on:
     ``global_l1/gradual3+bn256``."""
-    label = component(cfg.prune, "method")
-    if cfg.prune.get("schedule", "oneshot") == "gradual":
-        label += f"/gradual{cfg.prune.get('steps')}"
     bn = cfg.compress.get("bn_recalibrate", 0) if isinstance(cfg.get("compress"), DictConfig) else 0
-    return label + (f"+bn{bn}" if bn else "")
+    return pruning_label(component(cfg.prune, "method"), cfg.prune.get("schedule", "oneshot"),
+                         cfg.prune.get("steps"), bn)
+
+
+def pruning_label(method: str, schedule: str, steps: Any, bn_images: Any) -> str:
+    """``prune_label`` from its parts, as a config or a stored run's params (strings) hold them."""
+    label = method + (f"/gradual{steps if steps is not None else ''}" if schedule == "gradual" else "")
+    return label + (f"+bn{bn_images}" if int(bn_images or 0) else "")
 
