@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                     cfg=cfg, model=m.model, fast=with_amp(m.model, amp_name(cfg)), model_hash=m.model_hash,
                     ds=ds, eps=float(cfg.epsilon), stage=cell.stage, title=_title(cfg, m.measured),
                     memo=_memo(cfg, m.model_hash), dense=lambda: _baseline(cfg, ds, device)[0],
-                    dense_memo=_memo(cfg, m.dense_hash)))
+                    dense_memo=_memo(cfg, m.dense_hash), dense_hash=m.dense_hash))
         except BaseException:
             reuse.PRUNED.drop(reuse.pruned_key(cfg, device))  # whatever happened, rebuild next time
             raise

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CRITERIA = tuple(c.value for c in _CriterionName)  # the schema's enums: one list of names
 SAMPLERS = tuple(c.value for c in _SamplerName)
 CONSTRAINTS_ATTR = "constraints"  # user attr holding [c1, c2] of a trial
+UNIDENTIFIABLE_TAG = "cliff_unidentifiable"  # study attr and parent-run tag: why no cliff can be found
 ROLE_ATTR = "robustsweep.role"  # "reference" for trial 0
 INTERRUPTED_ATTR = "robustsweep.interrupted"
 SPEC_ATTR = "robustsweep.spec"  # study user attr: what the study optimises (checked on resume)
@@ -86,10 +87,25 @@ class Criterion:
                 raise ConfigError(f"{key}={v!r} is not valid; allowed: a number in [0, 1]")
 
     def constraints(self, metrics: dict[str, float], ref: dict[str, float]) -> list[float]:
-        """[c1, c2]; both <= 0 means safe. NaN (unmeasurable) counts as unsafe."""
+        """[c1, c2]; both <= 0 means safe. NaN (unmeasurable) counts as unsafe.
+
+        When the trial logged its paired differences against the dense model (the ``paired``
+        evaluator: same images, 95 % bootstrap interval), a sparsity is unsafe only when the whole
+        interval is past the allowance: c1 = (lower end of the ASR rise on the images both models
+        classify) - delta, or (lower end of the robust-accuracy fall) - delta; c2 = (lower end of the
+        clean-accuracy fall) - delta_acc. Otherwise (metrics without them: synthetic objectives,
+        cells logged before the paired evaluator) the point difference of the two levels."""
         m, r = metrics[self.metric], ref[self.metric]
-        c1 = (m - r - self.delta) if self.metric == "asr" else (r - m - self.delta)
-        c2 = ref["clean_acc"] - metrics["clean_acc"] - self.delta_acc
+        if self.metric == "asr" and "delta_asr_common_lo" in metrics:
+            c1 = metrics["delta_asr_common_lo"] - self.delta
+        elif self.metric == "robust_acc" and "delta_robust_acc_hi" in metrics:
+            c1 = -metrics["delta_robust_acc_hi"] - self.delta
+        else:
+            c1 = (m - r - self.delta) if self.metric == "asr" else (r - m - self.delta)
+        if "delta_clean_acc_hi" in metrics:
+            c2 = -metrics["delta_clean_acc_hi"] - self.delta_acc
+        else:
+            c2 = ref["clean_acc"] - metrics["clean_acc"] - self.delta_acc
         if metrics.get(COLLAPSED_METRIC):  # a degenerate model's ASR says nothing: never safe
             c1 = max(c1, UNMEASURABLE)
         return [UNMEASURABLE if math.isnan(c) else 0.0 if abs(c) <= BOUNDARY_TOL else float(c)
@@ -98,6 +114,26 @@ class Criterion:
     @property
     def metrics(self) -> tuple[str, str]:
         return (self.metric, "clean_acc")
+
+    def unidentifiable(self, ref: dict[str, float]) -> list[str]:
+        """Why no sparsity can ever be judged unsafe by a criterion, given the dense reference's
+        levels: an ASR of 1.0 cannot rise by delta, a robust accuracy below delta cannot fall by it,
+        nor a clean accuracy below delta_acc. [] when both criteria can be met."""
+        why = []
+        r = ref.get(self.metric, math.nan)
+        if self.metric == "asr" and not r <= 1 - self.delta:
+            why.append(f"the dense model's ASR is {r:.3f}, above 1 - search.delta = {1 - self.delta:.3f}: "
+                       f"ASR cannot rise by {self.delta}, so the ASR criterion can never call a sparsity "
+                       f"unsafe")
+        if self.metric == "robust_acc" and not r >= self.delta:
+            why.append(f"the dense model's robust accuracy is {r:.3f}, below search.delta = {self.delta}: "
+                       f"it cannot fall by that much, so the robustness criterion can never call a sparsity "
+                       f"unsafe")
+        c = ref.get("clean_acc", math.nan)
+        if not c >= self.delta_acc:
+            why.append(f"the dense model's clean accuracy is {c:.3f}, below search.delta_acc = "
+                       f"{self.delta_acc}")
+        return why
 
 
 def is_safe(constraints: Sequence[float]) -> bool:

@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     out = compare(run_outcomes(client, args.a), run_outcomes(client, args.b), n_boot=args.n_boot)
     log.info("A = %s\nB = %s\n%d images, B - A:", names[args.a], names[args.b], out["n_images"])
     for key in ("clean_acc", "robust_acc"):
-        log.info("  %-11s %+.4f  95 %% CI [%+.4f, %+.4f]  McNemar p = %.3g", key, out[f"{key}_diff"],
-                 out[f"{key}_diff_lo"], out[f"{key}_diff_hi"], out[f"{key}_mcnemar_p"])
-    if "asr_diff_common" in out:
+        log.info("  %-11s %+.4f  95 %% CI [%+.4f, %+.4f]  McNemar p = %.3g", key, out[f"delta_{key}"],
+                 out[f"delta_{key}_lo"], out[f"delta_{key}_hi"], out[f"delta_{key}_mcnemar_p"])
+    if out["n_common"]:
         log.info("  asr         %+.4f  95 %% CI [%+.4f, %+.4f]  McNemar p = %.3g  (on the %d images both "
-                 "classify correctly)", out["asr_diff_common"], out["asr_diff_common_lo"],
-                 out["asr_diff_common_hi"], out["asr_common_mcnemar_p"], out["n_common"])
+                 "classify correctly)", out["delta_asr_common"], out["delta_asr_common_lo"],
+                 out["delta_asr_common_hi"], out["delta_asr_common_mcnemar_p"], out["n_common"])
     return 0
 
 

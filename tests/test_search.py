@@ -304,3 +304,36 @@ def test_bootstrap_bracket_contains_the_bracket_and_narrows_with_more_images():
         assert b["cliff_high_ci_lo"] <= point.high <= b["cliff_high_ci_hi"]
         widths.append(b["cliff_high_ci_hi"] - b["cliff_low_ci_lo"])
     assert widths[1] < widths[0]
+
+
+def test_paired_intervals_decide_unsafe_only_when_the_whole_interval_is_past_the_allowance():
+    """Issue 29: with the paired evaluator's intervals, a point rise of 0.12 > delta 0.10 whose
+    interval reaches down to 0.05 is not called unsafe; one whose interval starts at 0.11 is."""
+    crit = Criterion(metric="asr", delta=0.10, delta_acc=0.05)
+    ref = {"asr": 0.3, "clean_acc": 0.9, "robust_acc": 0.6}
+    point = {"asr": 0.42, "clean_acc": 0.9, "robust_acc": 0.5}
+    assert not is_safe(crit.constraints(point, ref))  # the old rule: the point decides
+    paired = {**point, "delta_asr_common": 0.12, "delta_asr_common_lo": 0.05, "delta_asr_common_hi": 0.19,
+              "delta_clean_acc": 0.0, "delta_clean_acc_lo": -0.01, "delta_clean_acc_hi": 0.01}
+    assert is_safe(crit.constraints(paired, ref))
+    assert not is_safe(crit.constraints({**paired, "delta_asr_common_lo": 0.11}, ref))
+    # the clean criterion the same way: a fall whose interval reaches -0.04 is not past 0.05
+    assert is_safe(crit.constraints({**paired, "delta_clean_acc_hi": -0.04}, ref))
+    assert not is_safe(crit.constraints({**paired, "delta_clean_acc_hi": -0.06}, ref))
+    rob = Criterion(metric="robust_acc", delta=0.10)
+    assert is_safe(rob.constraints({**paired, "delta_robust_acc_hi": -0.09}, ref))
+    assert not is_safe(rob.constraints({**paired, "delta_robust_acc_hi": -0.11}, ref))
+
+
+@pytest.mark.parametrize("metric,ref,fragment", [
+    ("asr", {"asr": 1.0, "clean_acc": 0.9}, "ASR cannot rise"),
+    ("asr", {"asr": 0.95, "clean_acc": 0.9}, "ASR cannot rise"),
+    ("robust_acc", {"robust_acc": 0.02, "clean_acc": 0.9}, "cannot fall"),
+    ("asr", {"asr": 0.5, "clean_acc": 0.03}, "clean accuracy is 0.030"),
+])
+def test_a_reference_that_leaves_nothing_to_detect_is_unidentifiable(metric, ref, fragment):
+    assert any(fragment in w for w in Criterion(metric=metric, delta=0.1).unidentifiable(ref))
+
+
+def test_a_reference_with_room_is_identifiable():
+    assert Criterion().unidentifiable({"asr": 0.3, "clean_acc": 0.9, "robust_acc": 0.6}) == []

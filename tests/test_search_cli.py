@@ -158,14 +158,14 @@ def test_bad_search_input_fails_before_any_trial(tmp_path, args, fragment):
 
 
 # ---- in-process: the real CLI and sweeper, with the job replaced by a synthetic objective --------
-def fake_job(fail: Callable[[float], bool] = lambda s: False, drop: str | None = None):
+def fake_job(fail: Callable[[float], bool] = lambda s: False, drop: str | None = None, base_asr: float = 0.3):
     """A stand-in for robustsweep.pipeline.run: ASR jumps at 0.6137; raises where ``fail(s)``."""
 
     def run(cfg):
         s = float(cfg.sparsity)
         if fail(s):
             raise RuntimeError(f"injected failure at sparsity {s}")
-        m = {"asr": 0.3 + (0.35 if s > 0.6137 else 0.0), "clean_acc": 0.9, "robust_acc": 0.6}
+        m = {"asr": min(1.0, base_asr + (0.35 if s > 0.6137 else 0.0)), "clean_acc": 0.9, "robust_acc": 0.6}
         m.pop(drop, None)
         return m
 
@@ -221,3 +221,24 @@ def test_a_criterion_metric_the_job_does_not_return_stops_before_any_other_trial
     assert rc != 0
     trials = _study(tmp_path).trials
     assert len(trials) == 1  # only the reference ran
+
+
+def test_a_saturated_reference_warns_at_once_and_tags_the_study(monkeypatch, tmp_path, capfd):
+    """Issue 29: a dense ASR of 1.0 (AutoAttack at 8/255) leaves "ASR rises by delta" nothing to
+    detect: the search warns as soon as the reference is known, tags the study and its parent run
+    ``cliff_unidentifiable`` with the reason, and cliff.json says so."""
+    rc = run_cli(monkeypatch, tmp_path, fake_job(base_asr=1.0), "search.n_trials=4")
+    assert rc == 0
+    study = _study(tmp_path)
+    assert "dense model's ASR is 1.000" in study.user_attrs["cliff_unidentifiable"]
+    out = "".join(capfd.readouterr())
+    assert -1 < out.find("cliff unidentifiable") < out.find("trial 1 ")  # before any other trial ran
+    (parent,) = _runs(tmp_path, "study")
+    assert "ASR cannot rise" in parent.data.tags["robustsweep.cliff_unidentifiable"]
+    sweep_dir = Path(parent.data.tags["hydra.sweep.dir"])
+    assert "ASR cannot rise" in json.loads((sweep_dir / "cliff.json").read_text())["cliff_unidentifiable"]
+
+
+def test_a_reference_with_room_is_not_tagged(monkeypatch, tmp_path):
+    assert run_cli(monkeypatch, tmp_path, fake_job(), "search.n_trials=4") == 0
+    assert "cliff_unidentifiable" not in _study(tmp_path).user_attrs

@@ -279,6 +279,8 @@ class OptunaSweeperImpl(Sweeper):
         returns: list[Sequence[JobReturn]] = []
         failures: list[str] = []
         ref = self._reference_metrics()
+        if crit is not None and ref is not None:  # a resumed study: say it again
+            self._check_identifiable(crit, ref)
         if crit is not None and ref is None and not any(
                 t.user_attrs.get(ROLE_ATTR) == "reference" and t.state == TrialState.WAITING
                 for t in study.get_trials(deepcopy=False)):
@@ -377,6 +379,7 @@ class OptunaSweeperImpl(Sweeper):
                 if t.user_attrs.get(ROLE_ATTR) == "reference":
                     study.set_user_attr("reference", {k: float(metrics[k]) for k in
                                                       ("asr", "robust_acc", "clean_acc") if k in metrics})
+                    self._check_identifiable(crit, study.user_attrs["reference"])
                 cons = crit.constraints(metrics, self._wait_for_reference())
                 record_constraints(t, cons, crit)
                 verdict = (f" -> {'safe' if is_safe(cons) else 'UNSAFE'} ({crit.metric} margin "
@@ -413,6 +416,20 @@ class OptunaSweeperImpl(Sweeper):
                 said = time.monotonic()
             time.sleep(2)
         return ref
+
+    def _check_identifiable(self, crit: Any, ref: dict[str, float]) -> None:
+        """Warn at once, and tag the study and its parent run, when the dense reference leaves a
+        criterion nothing to detect (e.g. AutoAttack at 8/255: dense ASR 1.0)."""
+        from robustsweep.search import UNIDENTIFIABLE_TAG
+
+        why = crit.unidentifiable(ref)
+        if not why:
+            return
+        reason = "; ".join(why)
+        log.warning("cliff unidentifiable: %s. The search goes on, but its bracket cannot show a robustness "
+                    "cliff; the study and its parent run are tagged %s", reason, UNIDENTIFIABLE_TAG)
+        self.study.set_user_attr(UNIDENTIFIABLE_TAG, reason)
+        self.client.set_tag(self.parent, f"robustsweep.{UNIDENTIFIABLE_TAG}", reason)
 
     def _reference_metrics(self) -> dict[str, float] | None:
         return self.study.user_attrs.get("reference") if self.plan["crit"] is not None else None
@@ -520,6 +537,8 @@ class OptunaSweeperImpl(Sweeper):
         trials = study.get_trials(deepcopy=False)
         result: dict[str, Any] = {"study_name": study.study_name, "storage": plan["storage_desc"],
                                   "stopped": reason or status, "metrics": m}
+        if study.user_attrs.get("cliff_unidentifiable"):
+            result["cliff_unidentifiable"] = study.user_attrs["cliff_unidentifiable"]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "search"
             out.mkdir()

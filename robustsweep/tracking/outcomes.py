@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from robustsweep.core.stats import mcnemar, paired_bootstrap
+from robustsweep.core.stats import paired_deltas
 
 ARTIFACT = "outcomes.csv"
 
@@ -38,22 +38,10 @@ def run_outcomes(client: Any, run_id: str) -> dict[str, np.ndarray]:
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000,
             seed: int = 0) -> dict[str, float]:
-    """Cell b against cell a on the same images: clean and robust accuracy differences (b - a) with
-    95 % paired-bootstrap intervals and exact McNemar p-values; ASR difference on the images both
-    classify correctly (so both ASRs have the same denominator)."""
+    """Cell b against cell a on the same images (``core.stats.paired_deltas``, a as the reference:
+    ``delta_*`` = b - a) and ``n_images``."""
     if not np.array_equal(a["index"], b["index"]):
         raise ValueError("the two cells were evaluated on different images (outcomes.csv index columns "
                          "differ): a paired comparison needs the same data.n_eval and subset seed")
-    out: dict[str, float] = {"n_images": float(len(a["index"]))}
-    for name in ("clean_ok", "adv_ok"):
-        key = "clean_acc" if name == "clean_ok" else "robust_acc"
-        d, lo, hi = paired_bootstrap(a[name], b[name], n_boot, seed)
-        out.update({f"{key}_diff": d, f"{key}_diff_lo": lo, f"{key}_diff_hi": hi,
-                    f"{key}_mcnemar_p": mcnemar(a[name], b[name])})
-    both = a["clean_ok"] & b["clean_ok"]
-    if both.any():
-        fa, fb = ~a["adv_ok"][both], ~b["adv_ok"][both]
-        d, lo, hi = paired_bootstrap(fa, fb, n_boot, seed)
-        out.update({"asr_diff_common": d, "asr_diff_common_lo": lo, "asr_diff_common_hi": hi,
-                    "asr_common_mcnemar_p": mcnemar(~fa, ~fb), "n_common": float(both.sum())})
-    return out
+    return {"n_images": float(len(a["index"])),
+            **paired_deltas(a["clean_ok"], a["adv_ok"], b["clean_ok"], b["adv_ok"], n_boot=n_boot, seed=seed)}

@@ -70,6 +70,7 @@ class EvalContext:
     # The dense baseline the model was compressed from, loaded on demand (from the baseline cache).
     dense: Callable[[], nn.Module] = _no_dense
     dense_memo: Memo = field(default_factory=NoMemo)  # the memo for what is computed from it
+    dense_hash: str = ""  # SHA-256 of the dense baseline's state_dict (== model_hash: uncompressed)
 
     def __post_init__(self) -> None:
         # ``fast`` may wrap ``model`` (perf.amp=bf16: a new ``Autocast``, in train mode as every new
