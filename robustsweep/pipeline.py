@@ -10,6 +10,7 @@ robustsweep.tracking.reuse.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
 import time
@@ -73,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                        job_s=time.perf_counter() - t_start, **peak_memory_mb(device))
         if m.measured.get("latency_noisy"):  # measured once per compressed model, judged per cell
             reasons = {*reasons, "latency_noisy"}
-        cell.log(metrics, _tags(m, reasons))
+        cell.log(metrics, {**_tags(m, reasons), "robustsweep.data_sha256": data_fingerprint(ds)})
     return cell.metrics
 
 
@@ -135,6 +136,7 @@ def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
 def _tags(m: Compressed, reasons: set[str]) -> dict[str, str]:
     """Where the baseline came from, the model's hash, and ``suspect`` with the reasons."""
     tags = {"robustsweep.baseline": m.baseline["source"], "robustsweep.model_sha256": m.model_hash,
+            "robustsweep.dense_sha256": m.dense_hash,
             "robustsweep.checks": "guards passed: input range, adversarial batches, model unchanged"}
     if reasons:
         tags[SUSPECT_TAG] = ",".join(sorted(reasons))
@@ -142,6 +144,14 @@ def _tags(m: Compressed, reasons: set[str]) -> dict[str, str]:
         for r in sorted(reasons):
             log.warning("suspect cell (%s): %s", r, words[r])
     return tags
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    """SHA-256 (first 16 hex digits) of the evaluation images and labels as decoded: two cells with
+    the same fingerprint were evaluated on the same pixels."""
+    h = hashlib.sha256(ds.x_eval.cpu().numpy().tobytes())
+    h.update(ds.y_eval.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:

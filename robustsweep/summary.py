@@ -81,20 +81,34 @@ def wilson(k: float, n: float, z: float = 1.959964) -> tuple[float, float]:
 
 
 def collect_cells(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
-    """One dict per cell (its newest FINISHED child run, should a cell have several, e.g. with
-    ``tracking.resume=false``): key params (typed), metrics, run id."""
+    """One dict per cell of a sweep (see ``cells_of``)."""
     from robustsweep.tracking.sweep import finished_children
 
+    return cells_of(finished_children(client, parent_run_id))
+
+
+def experiment_cells(client: Any, experiment_id: str) -> list[dict[str, Any]]:
+    """Every cell of an experiment: all sweeps, single runs and study trials (see ``cells_of``)."""
+    from robustsweep.tracking.sweep import ROLE_TAG
+
+    return cells_of(client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'cell' AND "
+                                       f"attributes.status = 'FINISHED'", max_results=50000))
+
+
+def cells_of(runs: list[Any]) -> list[dict[str, Any]]:
+    """One dict per cell (its newest FINISHED run, should a cell have several, e.g. with
+    ``tracking.resume=false``): key params (typed), metrics, tags, run id, start time."""
     cells = []
     seen: set[str] = set()
-    for r in sorted(finished_children(client, parent_run_id), key=lambda r: -(r.info.start_time or 0)):
+    for r in sorted(runs, key=lambda r: -(r.info.start_time or 0)):
         cid = r.data.tags.get("robustsweep.cell_id", "")
         if cid and cid in seen:
             continue
         seen.add(cid)
         p, m = r.data.params, r.data.metrics
         cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", ""),
-                "suspect": r.data.tags.get("suspect", "")}
+                "suspect": r.data.tags.get("suspect", ""), "tags": dict(r.data.tags),
+                "start": r.info.start_time}
         for k in KEY_PARAMS:
             v = p.get(k, "")
             cell[k] = float(v) if k in ("sparsity", "epsilon") and v else v
@@ -519,9 +533,11 @@ def certified(cells: list[dict[str, Any]]) -> plt.Figure | None:
     return fig
 
 
-def write_summary(client: Any, parent_run_id: str, out_dir: Path) -> list[dict[str, Any]]:
-    """Write the summary files for a sweep into ``out_dir``; return its cells."""
-    cells = collect_cells(client, parent_run_id)
+def write_summary(client: Any, parent_run_id: str, out_dir: Path,
+                  cells: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Write the summary files for a sweep (or for ``cells``, e.g. a whole experiment's) into
+    ``out_dir``; return its cells."""
+    cells = collect_cells(client, parent_run_id) if cells is None else cells
     if not cells:
         raise SummaryError(f"sweep run {parent_run_id} has no FINISHED child runs to summarise")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def open_cell(cfg: DictConfig) -> Iterator[Cell]:
     experiment_id = store.setup(cfg)
     client = store.Client()
     cid = cell_id(cfg)
-    tags = {sw.CELL_TAG: cid, sw.ROLE_TAG: "cell", **store.hydra_tags()}
+    tags = {sw.CELL_TAG: cid, sw.ROLE_TAG: "cell", **store.hydra_tags(), **store.environment_tags()}
     parent = sw.parent_run_id()
     if parent and "hydra.sweep.dir" in tags:  # a single run has no parent
         tags["mlflow.parentRunId"] = parent

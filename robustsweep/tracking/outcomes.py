@@ -16,7 +16,8 @@ ARTIFACT = "outcomes.csv"
 
 
 def read_outcomes(path: str | Path) -> dict[str, np.ndarray]:
-    """index, label, clean_pred, adv_pred (int arrays), broken_by (str array), clean_ok, adv_ok."""
+    """index, label, clean_pred, adv_pred (int arrays), broken_by (str array), clean_ok, adv_ok; and
+    ref_clean_pred, ref_adv_pred, ref_clean_ok, ref_adv_ok where the paired evaluator added them."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out = {k: np.array([int(r[k]) for r in rows], dtype=np.int64)
@@ -24,6 +25,11 @@ def read_outcomes(path: str | Path) -> dict[str, np.ndarray]:
     out["broken_by"] = np.array([r["broken_by"] for r in rows], dtype=object)
     out["clean_ok"] = out["clean_pred"] == out["label"]
     out["adv_ok"] = out["clean_ok"] & (out["adv_pred"] == out["label"])
+    if rows and "ref_adv_pred" in rows[0]:  # the paired evaluator's columns: the dense reference's
+        for k in ("ref_clean_pred", "ref_adv_pred"):
+            out[k] = np.array([int(r[k]) for r in rows], dtype=np.int64)
+        out["ref_clean_ok"] = out["ref_clean_pred"] == out["label"]
+        out["ref_adv_ok"] = out["ref_clean_ok"] & (out["ref_adv_pred"] == out["label"])
     return out
 
 

@@ -17,6 +17,7 @@ Several processes, one store:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -289,6 +290,34 @@ def hydra_tags() -> dict[str, str]:
         tags["hydra.sweep.dir"] = str(hc.sweep.dir)
         tags["hydra.job.num"] = str(hc.job.num)
     return tags
+
+
+PACKAGES = ("torch", "torchvision", "torchattacks", "captum", "mlflow", "optuna", "hydra-core", "numpy")
+
+
+@functools.cache
+def environment_tags() -> dict[str, str]:
+    """Where a cell ran, for the report's provenance card: Python and package versions, the CPU
+    (model and core count) and GPU."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(p: str) -> str:
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return "absent"
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # Linux: the model name; elsewhere what platform says
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"robustsweep.versions": "; ".join([f"python {platform.python_version()}",
+                                               *(f"{p} {v(p)}" for p in PACKAGES)]),
+            "robustsweep.machine": f"{cpu}, {os.cpu_count()} cores, {gpu}"}
 
 
 def params_of(cfg: DictConfig) -> dict[str, str]:

@@ -1,0 +1,80 @@
+"""Issue 29: the study page the report writes from a store -- replicates pooled, verdicts from
+intervals, provenance, and what is missing named while the rest is still written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from robustsweep.writeup import verdict
+from tests.test_cli import cli
+
+
+def test_verdicts_follow_the_interval_not_the_point():
+    assert verdict("ASR", 0.308, 0.272, 0.344) == "ASR rises by 30.8 points [+27.2, +34.4]"
+    assert verdict("clean accuracy", -0.059, -0.090, -0.028).startswith("clean accuracy falls by 5.9 points")
+    # "beats the dense baseline: +1.9 [-2.1, +5.9]" is not a verdict the page may write
+    said = verdict("robust accuracy", 0.019, -0.021, 0.059)
+    assert said.startswith("no change in robust accuracy larger than 5.9 points is detectable")
+    assert "not measurable" in verdict("ASR", float("nan"), float("nan"), float("nan"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    p = cli(root, "-m", "sparsity=0,0.75", "seed=0,1", "train.epochs=5", "attribution=none",
+            "tracking.experiment=study")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return root
+
+
+def _report(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "robustsweep.report", "--tracking-uri",
+                           f"sqlite:///{root}/outputs/mlflow.db", *args], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
+    p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"), "--note", "digits, as bundled")
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "page" / "README.md").read_text()
+    assert "python -m robustsweep.report --tracking-uri" in page  # the command that made it
+    rows = [line for line in page.splitlines() if line.startswith("| l1_unstructured 0.75")]
+    assert len(rows) == 1 and "| 2 |" in rows[0]  # the two seeds are one condition
+    assert "(2 seeds):" in page and ("rises by" in page or "falls by" in page or "no change" in page)
+    for fragment in ("git commit", "torch 2.", "cores", "fingerprint", "seeds: 0, 1",
+                     "note: digits, as bundled"):
+        assert fragment in page
+    assert (tmp_path / "page" / "cells.csv").exists() and (tmp_path / "page" / "curves.png").exists()
+
+
+@pytest.mark.slow
+def test_a_cell_without_paired_outcomes_is_named_and_the_rest_written(store, tmp_path):
+    """An older cell (no paired differences: logged before the evaluator) in the same experiment."""
+    client = MlflowClient(f"sqlite:///{store}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("study").experiment_id
+    donor = next(r for r in client.search_runs([exp], "tags.`robustsweep.role` = 'cell'")
+                 if r.data.params["sparsity"] == "0.75")
+    old = client.create_run(exp, tags={"robustsweep.role": "cell", "robustsweep.cell_id": "old0"})
+    for k, v in donor.data.params.items():
+        client.log_param(old.info.run_id, k, "0.5" if k == "sparsity" else v)
+    for k in ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct"):
+        client.log_metric(old.info.run_id, k, donor.data.metrics[k])
+    client.set_terminated(old.info.run_id, "FINISHED")
+    p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"))
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "page" / "README.md").read_text()
+    assert "## What is missing" in page and old.info.run_id in page and "no paired differences" in page
+    assert "| l1_unstructured 0.75" in page  # the rest is still there
+    client.delete_run(old.info.run_id)
+
+
+@pytest.mark.slow
+def test_an_unknown_experiment_exits_2_naming_it(store, tmp_path):
+    p = _report(store, "--experiment", "nope", "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "x").exists()
