@@ -51,6 +51,7 @@ class Condition:
     cells: list[dict[str, Any]]  # one per seed (the newest FINISHED run of each cell)
     deltas: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # name -> (d, lo, hi)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how its differences were obtained, when unusual
 
     @property
     def first(self) -> dict[str, Any]:
@@ -67,9 +68,8 @@ class Condition:
 
     @property
     def is_reference(self) -> bool:
-        """Uncompressed: the cell's model is the dense baseline itself (its own reference)."""
-        return all(c["tags"].get("robustsweep.model_sha256") == c["tags"].get("robustsweep.dense_sha256")
-                   for c in self.cells)
+        """Uncompressed: its own reference (the model is the dense baseline itself)."""
+        return _uncompressed(self.first)
 
 
 def verdict(what: str, d: float, lo: float, hi: float) -> str:
@@ -85,53 +85,86 @@ def verdict(what: str, d: float, lo: float, hi: float) -> str:
             f"(estimate {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}])")
 
 
-def _outcomes(client: Any, cell: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """The cell's per-image outcomes with its reference's, or None (an older cell: no such columns)."""
-    from robustsweep.tracking.outcomes import run_outcomes
-
-    try:
-        o = run_outcomes(client, cell["run_id"])
-    except Exception:
-        return None
-    return o if "ref_adv_ok" in o else None
+# What a cell's reference shares with it: the trained model (model, data, recipe, objective, seed)
+# and the evaluation (attack, eps, images, arithmetic). The reference itself is uncompressed.
+_REFERENCE_KEYS = ("model.", "data.", "train.", "objective.", "attack.", "epsilon", "seed", "perf.amp")
 
 
-def _replicate_deltas(client: Any, cond: Condition) -> None:
-    """Intervals over seeds then images, from each replicate's outcomes.csv."""
-    per = [_outcomes(client, c) for c in cond.cells]
-    missing = [c["run_id"] for c, o in zip(cond.cells, per, strict=True) if o is None]
-    if missing:
-        cond.problems.append(f"replicates {', '.join(missing)} have no outcomes.csv with the reference's "
-                             f"predictions (logged before the paired evaluator): their differences are "
-                             f"not pooled; re-run them to add them")
-        return
-    got = [o for o in per if o is not None]
-    for name, a_key, b_key in (("delta_clean_acc", "ref_clean_ok", "clean_ok"),
-                               ("delta_robust_acc", "ref_adv_ok", "adv_ok")):
-        cond.deltas[name] = replicate_interval([o[a_key] for o in got], [o[b_key] for o in got])
-    common = [o["clean_ok"] & o["ref_clean_ok"] for o in got]
-    if all(c.any() for c in common):
+def _uncompressed(cell: dict[str, Any]) -> bool:
+    p = cell["params"]
+    return (float(p.get("sparsity", "nan")) == 0.0 and p.get("quantize.name", "none") == "none"
+            and p.get("defend.name", "none") == "none")
+
+
+def _reference_key(cell: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in cell["params"].items() if k.startswith(_REFERENCE_KEYS)))
+
+
+def _pairs(client: Any, cond: Condition, refs: dict[tuple, dict[str, Any]]) -> list[tuple[Any, Any]] | None:
+    """Per replicate: (reference's outcomes, cell's outcomes) as (clean_ok, adv_ok) pairs. From the
+    cell's outcomes.csv where the paired evaluator added the reference's columns; else from the
+    reference cell stored in the same experiment (older cells), on the same images."""
+    out = []
+    for cell in cond.cells:
+        try:
+            from robustsweep.tracking.outcomes import run_outcomes
+
+            o = run_outcomes(client, cell["run_id"])
+        except Exception:  # no artifact: said in the page
+            cond.problems.append(f"cell {cell['run_id']} ({_row_label(cell)}, seed "
+                                 f"{cell['params'].get('seed')}) has no outcomes.csv: no paired difference "
+                                 f"for it")
+            return None
+        if "ref_adv_ok" in o:
+            out.append(((o["ref_clean_ok"], o["ref_adv_ok"]), (o["clean_ok"], o["adv_ok"])))
+            continue
+        ref = refs.get(_reference_key(cell))
+        if ref is None:
+            cond.problems.append(f"cell {cell['run_id']} ({_row_label(cell)}, seed "
+                                 f"{cell['params'].get('seed')}) has no paired differences (logged before the "
+                                 f"paired evaluator) and its "
+                                 f"reference (the same model, seed, attack and images uncompressed) is not in "
+                                 f"this experiment: run it, or re-run the cell in a fresh store")
+            return None
+        r = run_outcomes(client, ref["run_id"])
+        if not np.array_equal(r["index"], o["index"]):
+            cond.problems.append(f"cell {cell['run_id']} and its stored reference {ref['run_id']} were "
+                                 f"evaluated on different images: no paired difference")
+            return None
+        cond.notes.append(f"computed by the report against stored reference {ref['run_id']}")
+        out.append(((r["clean_ok"], r["adv_ok"]), (o["clean_ok"], o["adv_ok"])))
+    return out
+
+
+def _deltas_from_outcomes(cond: Condition, pairs: list[tuple[Any, Any]]) -> None:
+    """Intervals over seeds then images (one seed: over images), from per-image outcomes."""
+    for name, i in (("delta_clean_acc", 0), ("delta_robust_acc", 1)):
+        cond.deltas[name] = replicate_interval([r[i] for r, _ in pairs], [c[i] for _, c in pairs])
+    common = [r[0] & c[0] for r, c in pairs]
+    if all(m.any() for m in common):
         cond.deltas["delta_asr_common"] = replicate_interval(
-            [~o["ref_adv_ok"][c] for o, c in zip(got, common, strict=True)],
-            [~o["adv_ok"][c] for o, c in zip(got, common, strict=True)])
+            [~r[1][m] for (r, _), m in zip(pairs, common, strict=True)],
+            [~c[1][m] for (_, c), m in zip(pairs, common, strict=True)])
 
 
 def conditions(client: Any, cells: list[dict[str, Any]]) -> list[Condition]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
         groups[condition_of(c["params"])].append(c)
+    refs = {_reference_key(c): c for c in cells if _uncompressed(c)}
     out = []
     for members in groups.values():
         cond = Condition(sorted(members, key=lambda c: c["params"].get("seed", "")))
-        if "delta_clean_acc" not in cond.first["all_metrics"]:
-            cond.problems.append(f"cell {cond.first['run_id']} has no paired differences (logged before the "
-                                 f"paired evaluator; re-run it in a fresh store to add them)")
-        elif len(cond.cells) == 1:
-            m = cond.first["all_metrics"]
+        if len(cond.cells) == 1 and "delta_clean_acc" in cond.first["all_metrics"]:
+            m = cond.first["all_metrics"]  # what the cell logged (its paired bootstrap over images)
             cond.deltas = {d: (m.get(d, math.nan), m.get(f"{d}_lo", math.nan), m.get(f"{d}_hi", math.nan))
                            for d, _ in DELTAS}
+        elif _uncompressed(cond.first):
+            cond.deltas = {d: (0.0, 0.0, 0.0) for d, _ in DELTAS}  # its own reference
         else:
-            _replicate_deltas(client, cond)
+            pairs = _pairs(client, cond, refs)
+            if pairs is not None:
+                _deltas_from_outcomes(cond, pairs)
         out.append(cond)
     return sorted(out, key=lambda c: (attack_label(c.first), c.first["epsilon"], compression_label(c.first),
                                       c.first["sparsity"]))
@@ -225,6 +258,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
             problems += c.problems
             if c.deltas and not c.is_reference:
                 said = "; ".join(verdict(w, *c.deltas[d]) for d, w in DELTAS if d in c.deltas)
+                said += "".join(f" ({n})" for n in sorted(set(c.notes)))
                 verdicts.append(f"- {attack} eps {eps:.4g}, {_row_label(c.first, varying)} "
                                 f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
         lines.append("")

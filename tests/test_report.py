@@ -69,7 +69,7 @@ def test_a_cell_without_paired_outcomes_is_named_and_the_rest_written(store, tmp
     p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"))
     assert p.returncode == 0, p.stderr
     page = (tmp_path / "page" / "README.md").read_text()
-    assert "## What is missing" in page and old.info.run_id in page and "no paired differences" in page
+    assert "## What is missing" in page and old.info.run_id in page and "no outcomes.csv" in page
     assert "| l1_unstructured 0.75" in page  # the rest is still there
     client.delete_run(old.info.run_id)
 
@@ -78,3 +78,41 @@ def test_a_cell_without_paired_outcomes_is_named_and_the_rest_written(store, tmp
 def test_an_unknown_experiment_exits_2_naming_it(store, tmp_path):
     p = _report(store, "--experiment", "nope", "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_an_older_cell_is_compared_with_its_reference_in_the_store(store, tmp_path):
+    """A cell logged before the paired evaluator (its outcomes.csv without the reference's columns,
+    no delta metrics): the report pairs it with the uncompressed cell of the same model, seed, attack
+    and images in the experiment, and gets the difference the evaluator would have logged."""
+    import csv
+
+    client = MlflowClient(f"sqlite:///{store}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("study").experiment_id
+    donor = next(r for r in client.search_runs([exp], "tags.`robustsweep.role` = 'cell'")
+                 if r.data.params["sparsity"] == "0.75" and r.data.params["seed"] == "0")
+    with open(client.download_artifacts(donor.info.run_id, "outcomes.csv", str(tmp_path))) as f:
+        rows = list(csv.DictReader(f))
+    stripped = tmp_path / "old" / "outcomes.csv"
+    stripped.parent.mkdir()
+    with open(stripped, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["index", "label", "clean_pred", "adv_pred", "broken_by"])
+        w.writeheader()
+        w.writerows({k: r[k] for k in w.fieldnames} for r in rows)
+    old = client.create_run(exp, tags={"robustsweep.role": "cell", "robustsweep.cell_id": "old1"})
+    for k, v in donor.data.params.items():
+        client.log_param(old.info.run_id, k, "0.6" if k == "sparsity" else v)  # a condition of its own
+    for k in ("clean_acc", "robust_acc", "asr", "n_eval", "n_correct"):
+        client.log_metric(old.info.run_id, k, donor.data.metrics[k])
+    client.log_artifact(old.info.run_id, str(stripped))
+    client.set_terminated(old.info.run_id, "FINISHED")
+    try:
+        p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"))
+        assert p.returncode == 0, p.stderr
+        page = (tmp_path / "page" / "README.md").read_text()
+        (row,) = [line for line in page.splitlines() if line.startswith("| l1_unstructured 0.60")]
+        d = donor.data.metrics["delta_clean_acc"] * 100
+        assert f"| {d:+.1f} [" in row  # the same point difference as the evaluator logged for its donor
+        assert "computed by the report against stored reference" in page
+    finally:
+        client.delete_run(old.info.run_id)
