@@ -4,6 +4,7 @@
     python -m robustsweep.report --parent-run-id 69de47...        # one sweep's cells
     python -m robustsweep.report --tracking-uri sqlite:///elsewhere.db --note "CIFAR-10 as JPEG q75"
     python -m robustsweep.report --log-to-parent                  # also attach it to the sweep's parent run
+    python -m robustsweep.report --experiment NAME --against "l1_unstructured 0.90 + ft 2ep"  # rows vs one row
 
 Writes ``README.md`` (tables of levels and of paired differences against the dense reference with
 95 % intervals, pooled over seeds where cells differ only in ``seed``; one verdict per comparison
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--log-to-parent", action="store_true")
     ap.add_argument("--note", default="", help="a line for the page's provenance card (how the data was made)")
+    ap.add_argument("--against", action="append", default=[], metavar="ROW",
+                    help="also compare every row with this one (its label in the page's tables), paired")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("outputs") / "reports" / (pid if args.parent_run_id else args.experiment)
         cells = write_summary(client, pid or "", out, cells=cells)
         studies = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1000)
-        page = write_page(client, exp.name, cells, out, studies=studies, note=args.note)
+        page = write_page(client, exp.name, cells, out, studies=studies, note=args.note,
+                          against_labels=args.against)
         log.info("results page: %s", page)
         if args.log_to_parent:
             if pid is None:

@@ -222,12 +222,72 @@ def provenance(cells: list[dict[str, Any]], note: str) -> list[str]:
     return lines
 
 
+def _seed_outcomes(client: Any, cond: Condition) -> dict[str, dict[str, np.ndarray]]:
+    from robustsweep.tracking.outcomes import run_outcomes
+
+    out = {}
+    for c in cond.cells:
+        try:
+            out[c["params"].get("seed", "?")] = run_outcomes(client, c["run_id"])
+        except Exception:  # no artifact: that seed is left out, and said
+            cond.problems.append(f"cell {c['run_id']} has no outcomes.csv: left out of the comparisons")
+    return out
+
+
+def against(client: Any, conds: list[Condition], label: str, varying: list[str]) -> list[str]:
+    """Every condition against the one whose row is ``label``, per attack and eps, on the same images
+    and seeds: the differences (row - ``label``) with intervals over seeds then images, and verdicts."""
+    lines = [f"## Against {label}", "", f"Each row minus `{label}`, in points, on the same images and seeds.",
+             ""]
+    groups: dict[tuple[str, float], list[Condition]] = defaultdict(list)
+    for c in conds:
+        groups[(attack_label(c.first), c.first["epsilon"])].append(c)
+    found = False
+    for (attack, eps), group in groups.items():
+        base = next((c for c in group if _row_label(c.first, varying) == label), None)
+        if base is None:
+            continue
+        found = True
+        b_out = _seed_outcomes(client, base)
+        lines += [f"{attack} at eps {eps:.4g}:", "",
+                  "| compression | seeds | Δ clean | Δ robust | Δ ASR (common) |", "|---|---|---|---|---|"]
+        said = []
+        for c in group:
+            if c is base:
+                continue
+            c_out = _seed_outcomes(client, c)
+            seeds = sorted(set(b_out) & set(c_out))
+            seeds = [s for s in seeds if np.array_equal(b_out[s]["index"], c_out[s]["index"])]
+            if not seeds:
+                lines.append(f"| {_row_label(c.first, varying)} | 0 | – | – | – |")
+                continue
+            b, o = [b_out[s] for s in seeds], [c_out[s] for s in seeds]
+            d = {"delta_clean_acc": replicate_interval([x["clean_ok"] for x in b], [x["clean_ok"] for x in o]),
+                 "delta_robust_acc": replicate_interval([x["adv_ok"] for x in b], [x["adv_ok"] for x in o])}
+            common = [x["clean_ok"] & y["clean_ok"] for x, y in zip(b, o, strict=True)]
+            if all(m.any() for m in common):
+                d["delta_asr_common"] = replicate_interval(
+                    [~x["adv_ok"][m] for x, m in zip(b, common, strict=True)],
+                    [~y["adv_ok"][m] for y, m in zip(o, common, strict=True)])
+            cols = [_fmt_delta(d.get(k)) for k in ("delta_clean_acc", "delta_robust_acc", "delta_asr_common")]
+            lines.append(f"| {_row_label(c.first, varying)} | {len(seeds)} | " + " | ".join(cols) + " |")
+            said.append(f"- {_row_label(c.first, varying)} vs {label} ({attack} eps {eps:.4g}): "
+                        + "; ".join(verdict(w, *d[k]) for k, w in DELTAS if k in d) + ".")
+        lines += ["", *said, ""]
+    if not found:
+        names = sorted({_row_label(c.first, varying) for c in conds})
+        log.warning("--against %r: no such row; rows: %s", label, "; ".join(names))
+        lines += [f"No row is labelled `{label}`; the rows are: " + "; ".join(f"`{n}`" for n in names), ""]
+    return lines
+
+
 def _when(ms: int | None) -> str:
     return datetime.fromtimestamp((ms or 0) / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_dir: Path, *,
-               studies: list[Any] = (), note: str = "", command: str | None = None) -> Path:
+               studies: list[Any] = (), note: str = "", command: str | None = None,
+               against_labels: list[str] = ()) -> Path:
     """``out_dir/README.md``: one table per attack and eps, verdicts, cliff studies, provenance."""
     conds = conditions(client, cells)
     varying = _varying(conds)
@@ -263,6 +323,8 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
                                 f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
         lines.append("")
     lines += ["## Verdicts", "", *(verdicts or ["- no compressed cell with a reference comparison"]), ""]
+    for label in against_labels:
+        lines += against(client, conds, label, varying)
     spread = [c for c in conds if len(c.cells) > 1 and not c.is_reference]
     if spread:
         lines += ["## Seed-to-seed spread beside the image-level interval", "",

@@ -40,9 +40,15 @@ def _report(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
-    p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"), "--note", "digits, as bundled")
+    p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"), "--note", "digits, as bundled",
+                "--against", "dense")
     assert p.returncode == 0, p.stderr
     page = (tmp_path / "page" / "README.md").read_text()
+    # the dense row as the baseline of a comparison gives the same differences as the reference columns
+    main, vs = page.split("## Against dense")
+    row = next(line for line in main.splitlines() if line.startswith("| l1_unstructured 0.75"))
+    row_vs = next(line for line in vs.splitlines() if line.startswith("| l1_unstructured 0.75"))
+    assert row.split(" | ")[-3:] == row_vs.split(" | ")[-3:]
     assert "python -m robustsweep.report --tracking-uri" in page  # the command that made it
     rows = [line for line in page.splitlines() if line.startswith("| l1_unstructured 0.75")]
     assert len(rows) == 1 and "| 2 |" in rows[0]  # the two seeds are one condition
