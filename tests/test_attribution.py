@@ -53,3 +53,35 @@ def test_figure_layout_and_shared_symmetric_scale(digits_model, tmp_path):
     a.save_npz(str(tmp_path / "a.npz"))
     z = np.load(tmp_path / "a.npz")
     assert z["ig_clean"].shape == z["images"].shape == (2, 1, 8, 8)
+
+
+def test_attribution_reuses_the_evaluations_adversarial_examples(make_cfg, monkeypatch):
+    """Issue 31: the attributed adversarial images are the ones the robust evaluator made and
+    counted (the cell's attack is not run again on them); only images the evaluation did not attack
+    (clean-wrong) are attacked now."""
+    from robustsweep.pipeline import run
+    from robustsweep.steps.evaluate import robust as robust_mod
+
+    seen, attacked = [], []
+    original = robust_mod.Robust.adversarial
+    real_checked = robust_mod.attack_checked
+
+    def spy(self, ctx, pos):
+        out = original(self, ctx, pos)
+        seen.append((self.res, pos.clone(), out.clone()))
+        return out
+
+    def counting(attack, x, y, eps):
+        attacked.append(len(x))
+        return real_checked(attack, x, y, eps)
+
+    monkeypatch.setattr(robust_mod.Robust, "adversarial", spy)
+    monkeypatch.setattr(robust_mod, "attack_checked", counting)
+    run(make_cfg("attack=pgd", "attribution.n_images=4", "sparsity=0.5"))
+    ((res, pos, out),) = seen
+    correct = [i for i, p in enumerate(pos.tolist()) if p in res.kept]
+    assert correct, "no showcase image was classified correctly: nothing to check"
+    for i in correct:
+        assert torch.equal(out[i], res.kept[int(pos[i])].to(out.dtype))
+    wrong = len(pos) - len(correct)
+    assert sum(attacked) == wrong  # only the clean-wrong images were attacked again

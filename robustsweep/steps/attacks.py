@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -328,6 +328,8 @@ class EvalResult:
     max_dist: float = 0.0  # largest perturbation norm seen (<= eps + 1e-6 by the guard)
     n_grad: int = 0  # images through forward + input-gradient (0 when a FGSM direction was reused)
     direction: torch.Tensor | None = None  # FGSM only: int8 signs of the n_correct attacked images
+    # ``keep`` positions that were attacked (clean-correct) -> their adversarial image, float [0, 1]
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
     # Worst-case ensembles only: per evaluation image, the index (in attack_names) of the attack that
     # broke it; -1 = none did, or the image was not attacked (clean-wrong).
     broken_by: torch.Tensor | None = None
@@ -359,7 +361,7 @@ def as_pixels(x: torch.Tensor) -> torch.Tensor:
 
 def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torch.Tensor,
              eps: float, batch_size: int, desc: str = "attack", *, clean_pred: torch.Tensor | None = None,
-             direction: torch.Tensor | None = None) -> EvalResult:
+             direction: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> EvalResult:
     """Clean predictions, then attack the correctly classified images batch by batch.
 
     ``x_images``: uint8 (0..255) or float in [0, 1]; anything else is refused by ``predict``,
@@ -378,6 +380,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                              f"correct images and attack {type(attack).__name__}; allowed: the "
                              f"EvalResult.direction of the same model and images, with FGSM")
         directions: list[torch.Tensor] = []
+        kept: dict[int, torch.Tensor] = {}
+        keep_on = keep.to(correct_idx.device) if keep is not None and len(keep) else None
         adv_pred = clean_pred.clone()
         names = tuple(getattr(attack, "names", ()))
         broken_by = torch.full_like(clean_pred, -1) if names else None
@@ -403,6 +407,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                         adv_pred_twin[idx] = model(x_adv).argmax(1)
             adv_pred[idx] = p
             n_fooled += int((p != yb).sum())
+            for j in (torch.isin(idx, keep_on).nonzero().flatten().tolist() if keep_on is not None else ()):
+                kept[int(idx[j])] = x_adv[j].detach().clone()
     if keep_direction:
         direction = torch.cat(directions) if directions else \
             torch.empty((0, *x_images.shape[1:]), dtype=torch.int8, device=x_images.device)
@@ -410,7 +416,7 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                      clean_pred=clean_pred, adv_pred=adv_pred, n_batches_checked=n_batches,
                      max_dist=max_dist, n_grad=getattr(attack, "n_grad", 0) - n_grad0,
                      direction=direction if keep_direction else None, broken_by=broken_by,
-                     attack_names=names, adv_pred_twin=adv_pred_twin)
+                     attack_names=names, adv_pred_twin=adv_pred_twin, kept=kept)
     if res.n_correct == 0:
         log.warning("the model classifies none of the %d evaluation images correctly: asr is NaN",
                     res.n_eval)

@@ -74,18 +74,21 @@ class Dataset:
     def y_eval(self) -> torch.Tensor:
         return self.y_test[self.eval_idx]
 
-    def showcase_idx(self, k: int) -> torch.Tensor:
-        """k test indices from the eval subset, one per class in label order, then the rest.
+    def showcase_pos(self, k: int) -> torch.Tensor:
+        """k positions in the eval subset, one per class in label order, then the rest.
 
         Fixed for a given eval subset, so every job of a sweep attributes the same images, and
         varied across classes (the subset is sorted, and image trees are sorted by class).
         """
-        y = self.y_test[self.eval_idx]
+        y = self.y_test[self.eval_idx].cpu()
         pos = [int((y == c).nonzero()[0]) for c in range(len(self.classes)) if (y == c).any()]
         rest = torch.ones(len(y), dtype=torch.bool)
         rest[pos] = False
-        order = torch.cat([torch.tensor(pos, dtype=torch.long), rest.nonzero().flatten()])
-        return self.eval_idx[order[:k].to(self.eval_idx.device)]
+        return torch.cat([torch.tensor(pos, dtype=torch.long), rest.nonzero().flatten()])[:k]
+
+    def showcase_idx(self, k: int) -> torch.Tensor:
+        """The test indices of ``showcase_pos(k)``."""
+        return self.eval_idx[self.showcase_pos(k).to(self.eval_idx.device)]
 
     @property
     def shape(self) -> tuple[int, int, int]:

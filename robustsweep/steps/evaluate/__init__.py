@@ -105,6 +105,9 @@ class Evaluator:
     reads: tuple[str, ...] = ()  # evaluators whose Outcome.shared it reads (they run first)
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
     check: Callable[[DictConfig], None] | None = None  # its own key checks (validate asks)
+    # The positions in the evaluation subset whose adversarial examples it will ask the robust
+    # evaluator for (``Robust.adversarial``): kept from the evaluation itself, not attacked again.
+    adversarial_of: Callable[[EvalContext], Any] | None = None
 
 
 EVALUATORS: dict[str, Evaluator] = {}

@@ -241,9 +241,10 @@ def run(ctx: EvalContext) -> Outcome:
     robust = ctx.results["robust"]
     k = min(a.n_images, robust.res.n_eval)
     t0 = time.perf_counter()
-    idx = ds.showcase_idx(k)
+    pos = ds.showcase_pos(k)
+    idx = ds.eval_idx[pos.to(ds.eval_idx.device)]
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
-    x_adv = robust.adversarial(ctx, x, y)
+    x_adv = robust.adversarial(ctx, pos)
     # The clean half does not depend on the attack or eps: one per model and images.
     key = ("ig", OmegaConf.to_container(a, resolve=True), idx.tolist())
     attr, clean = integrated_gradients(ctx.model, x, x_adv, y, idx, a.n_steps, a.baseline,
@@ -278,4 +279,6 @@ register_evaluator(Evaluator(
     metrics=("ig_delta", "ig_n_steps", "ig_n_incomplete", "ig_s"),
     reasons={"ig_incomplete": "Integrated Gradients did not reach completeness at the n_steps cap"},
     enabled=lambda cfg: (cfg.attribution.get("n_images") or 0) > 0,
+    adversarial_of=lambda ctx: ctx.ds.showcase_pos(min(int(ctx.cfg.attribution.n_images),
+                                                       len(ctx.ds.eval_idx))),
 ))

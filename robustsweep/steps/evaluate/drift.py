@@ -205,7 +205,7 @@ def run(ctx: EvalContext) -> Outcome:
     n = min(int(node.n_images), len(ds.eval_idx))
     idx = ds.eval_idx[:n]  # the same images in every cell of a sweep
     x, y = to_float(ds.x_test[idx]), ds.y_test[idx]
-    x_adv = ctx.results["robust"].adversarial(ctx, x, y)
+    x_adv = ctx.results["robust"].adversarial(ctx, torch.arange(n))
     spec = OmegaConf.to_container(node, resolve=True)
     comp, comp_adv = (attribute(ctx.model, v, y, node, cfg.seed) for v in (x, x_adv))
     # The dense model's clean maps do not depend on the cell: once per process.
@@ -269,4 +269,5 @@ register_evaluator(Evaluator(
                                         "the trained model's (Adebayo et al. 2018): they show the "
                                         "input, not the model"},
     enabled=lambda cfg: cfg.drift.get("name", "none") != "none",
+    adversarial_of=lambda ctx: torch.arange(min(int(ctx.cfg.drift.n_images), len(ctx.ds.eval_idx))),
 ))

@@ -36,7 +36,8 @@ from robustsweep.steps.attacks import (
     check_attack_config,
     evaluate,
 )
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.data import to_float
+from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, evaluators, register_evaluator
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,24 @@ class Robust:
     res: EvalResult
     attack: AttackFn
 
-    def adversarial(self, ctx: EvalContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The cell's attack on ``x`` (float, [0, 1]): seeded, model frozen, through the guard.
-        What the attribution evaluators attribute as "adversarial inputs"."""
-        torch.manual_seed(ctx.cfg.seed)
-        with frozen(ctx.model):
-            return attack_checked(self.attack, x, y, ctx.eps)[0].detach()
+    def adversarial(self, ctx: EvalContext, pos: torch.Tensor) -> torch.Tensor:
+        """The adversarial images of evaluation positions ``pos`` (float, [0, 1]): what the
+        attribution evaluators attribute as "adversarial inputs". Those the evaluation attacked
+        (clean-correct, and declared by an evaluator's ``adversarial_of``) are its own adversarial
+        examples, the ones the logged ASR counts; the rest (clean-wrong images, which the evaluation
+        does not attack) get the cell's attack now: seeded, model frozen, through the guard."""
+        x, y = to_float(ctx.ds.x_eval[pos]), ctx.ds.y_eval[pos]
+        todo = [i for i, p in enumerate(pos.tolist()) if p not in self.res.kept]
+        out = x.clone()
+        for i, p in enumerate(pos.tolist()):
+            if p in self.res.kept:
+                out[i] = self.res.kept[p].to(out.dtype)
+        if todo:
+            t = torch.tensor(todo, device=x.device)
+            torch.manual_seed(ctx.cfg.seed)
+            with frozen(ctx.model):
+                out[t] = attack_checked(self.attack, x[t], y[t], ctx.eps)[0].detach()
+        return out
 
 
 def is_collapsed(clean_acc: float, n_pred_classes: int, n_classes: int) -> bool:
@@ -106,9 +119,13 @@ def run(ctx: EvalContext) -> Outcome:
     batch = attack_batch_size(cfg, ds.x_eval.device)
     # FGSM's loss is a batch mean: the sign is the same at any batch size, short of underflow to 0
     direction = ctx.memo.get("fgsm_direction", "fgsm", batch) if isinstance(attack, FGSM) else None
+    # the adversarial examples later evaluators will attribute, kept rather than attacked again
+    wanted = [ev.adversarial_of(ctx) for ev in evaluators()
+              if ev.adversarial_of is not None and ev.enabled(cfg)]
+    keep = torch.cat(wanted).unique() if wanted else None
     res = evaluate(ctx.fast, attack, ds.x_eval, ds.y_eval, eps, batch,
                    desc=f"{cfg.attack.get('name') or 'attack'} eps={eps_label(eps, attack_norm(cfg.attack))}",
-                   clean_pred=ctx.memo.get("clean_pred"), direction=direction)
+                   clean_pred=ctx.memo.get("clean_pred"), direction=direction, keep=keep)
     ctx.memo.put("clean_pred", res.clean_pred)
     if res.direction is not None:
         ctx.memo.put("fgsm_direction", res.direction, "fgsm", batch)
