@@ -154,7 +154,10 @@ def conditions(client: Any, cells: list[dict[str, Any]]) -> list[Condition]:
     refs = {_reference_key(c): c for c in cells if _uncompressed(c)}
     out = []
     for members in groups.values():
-        cond = Condition(sorted(members, key=lambda c: c["params"].get("seed", "")))
+        newest: dict[str, dict[str, Any]] = {}  # one cell per seed: the newest (an older id scheme, a re-run)
+        for c in sorted(members, key=lambda c: c["start"] or 0):
+            newest[c["params"].get("seed", "")] = c
+        cond = Condition(sorted(newest.values(), key=lambda c: c["params"].get("seed", "")))
         if len(cond.cells) == 1 and "delta_clean_acc" in cond.first["all_metrics"]:
             m = cond.first["all_metrics"]  # what the cell logged (its paired bootstrap over images)
             cond.deltas = {d: (m.get(d, math.nan), m.get(f"{d}_lo", math.nan), m.get(f"{d}_hi", math.nan))
@@ -179,13 +182,23 @@ def _varying(conds: list[Condition]) -> list[str]:
     """Params that differ between conditions and that no label shows yet (e.g. train.label_smoothing,
     objective.name, prune.score_epochs): each row names its value."""
     keys = {k for c in conds for k in c.first["params"]}
+    # a key only some cells have (a component's own keys, e.g. defend.eps) counts where it is present
     return sorted(k for k in keys if not k.startswith(_LABELLED + REPLICATE_BLIND)
-                  and len({c.first["params"].get(k) for c in conds}) > 1)
+                  and len({c.first["params"][k] for c in conds if k in c.first["params"]}) > 1)
 
 
 def _row_label(cell: dict[str, Any], varying: list[str] = ()) -> str:
-    extra = [f"{k}={cell['params'].get(k, '–')}" for k in varying]
+    extra = [f"{k}={cell['params'][k]}" for k in varying if k in cell["params"]]
     return compression_label(cell) + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _attacked(cond: Condition) -> bool:
+    """False for ``attack=none`` (the attack group's "off" option): only clean accuracy means anything."""
+    return cond.first["params"].get("attack.name", "none") != "none"
+
+
+def _collapsed(cond: Condition) -> bool:
+    return any("collapsed" in c.get("suspect", "").split(",") for c in cond.cells)
 
 
 def _fmt_delta(t: tuple[float, float, float] | None) -> str:
@@ -206,7 +219,8 @@ def provenance(cells: list[dict[str, Any]], note: str) -> list[str]:
     seeds = sorted({c["params"].get("seed", "?") for c in cells}, key=lambda s: (len(s), s))
     lines = ["## Provenance", "",
              f"- cells: {len(cells)}; seeds: {', '.join(seeds)}; evaluation images per cell: "
-             f"{values('n_eval', 'all_metrics')} (test-split subset seed "
+             f"{', '.join(sorted({str(int(c['all_metrics'].get('n_eval', 0))) for c in cells}))} "
+             f"(test-split subset seed "
              f"{values('data.subset_seed', 'params')})",
              f"- data: {values('data.name', 'params')}"
              + (f" from {values('data.root', 'params')}" if any("data.root" in c["params"] for c in cells)
@@ -281,6 +295,18 @@ def against(client: Any, conds: list[Condition], label: str, varying: list[str])
     return lines
 
 
+def _other_intervals(conds: list[Condition], varying: list[str]) -> list[str]:
+    """Table rows for every metric ``m`` a cell logged with ``m_lo``/``m_hi`` that is not a delta above."""
+    rows = []
+    skip = {d for d, _ in DELTAS}
+    for c in conds:
+        m = c.first["all_metrics"]
+        for name in sorted(k for k in m if f"{k}_lo" in m and f"{k}_hi" in m and k not in skip):
+            rows.append(f"| {attack_label(c.first)} {c.first['epsilon']:.4g} {_row_label(c.first, varying)} | "
+                        f"`{name}` | {_fmt_delta((m[name], m[f'{name}_lo'], m[f'{name}_hi']))} |")
+    return rows
+
+
 def _when(ms: int | None) -> str:
     return datetime.fromtimestamp((ms or 0) / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -310,21 +336,34 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
                   "| compression | seeds | clean | robust | ASR | Δ clean | Δ robust | Δ ASR (common) |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in group:
-            cols = [_row_label(c.first, varying), str(len(c.seeds)),
-                    *(_fmt_level(*c.level(m)) for m in ("clean_acc", "robust_acc", "asr")),
-                    *(_fmt_delta(c.deltas.get(d)) for d in
-                      ("delta_clean_acc", "delta_robust_acc", "delta_asr_common"))]
+            shown = ("clean_acc", "robust_acc", "asr") if _attacked(c) else ("clean_acc",)
+            cols = [_row_label(c.first, varying) + (" †" if _collapsed(c) else ""), str(len(c.seeds)),
+                    *(_fmt_level(*c.level(m)) if m in shown else "–"
+                      for m in ("clean_acc", "robust_acc", "asr")),
+                    *(_fmt_delta(c.deltas.get(d)) if d == "delta_clean_acc" or _attacked(c) else "–"
+                      for d in ("delta_clean_acc", "delta_robust_acc", "delta_asr_common"))]
             lines.append("| " + " | ".join(cols) + " |")
             problems += c.problems
             if c.deltas and not c.is_reference:
-                said = "; ".join(verdict(w, *c.deltas[d]) for d, w in DELTAS if d in c.deltas)
+                said = "; ".join(verdict(w, *c.deltas[d]) for d, w in DELTAS
+                                 if d in c.deltas and (_attacked(c) or d == "delta_clean_acc"))
                 said += "".join(f" ({n})" for n in sorted(set(c.notes)))
+                if _collapsed(c):
+                    said += ("; † the compressed model is collapsed (near-chance clean accuracy or most "
+                             "classes never predicted): its ASR describes a broken model, not a robust one")
                 verdicts.append(f"- {attack} eps {eps:.4g}, {_row_label(c.first, varying)} "
                                 f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
         lines.append("")
     lines += ["## Verdicts", "", *(verdicts or ["- no compressed cell with a reference comparison"]), ""]
     for label in against_labels:
         lines += against(client, conds, label, varying)
+    other = _other_intervals(conds, varying)
+    if other:
+        lines += ["## Other measurements with intervals", "",
+                  "What cells logged with a 95 % interval beside the differences above (e.g. `bn_recal_gain`: "
+                  "clean accuracy after minus before BatchNorm recalibration, same model and images), in "
+                  "points; one seed each (the first).", "", "| condition | metric | value [95 %] |",
+                  "|---|---|---|", *other, ""]
     spread = [c for c in conds if len(c.cells) > 1 and not c.is_reference]
     if spread:
         lines += ["## Seed-to-seed spread beside the image-level interval", "",
