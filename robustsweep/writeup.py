@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from robustsweep.core.params import eps_label
 from robustsweep.core.stats import replicate_interval
 from robustsweep.summary import attack_label, compression_label
 
@@ -192,6 +193,10 @@ def _row_label(cell: dict[str, Any], varying: list[str] = ()) -> str:
     return compression_label(cell) + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _eps(cell: dict[str, Any]) -> str:
+    return eps_label(cell["epsilon"], cell.get("attack.norm") or "linf")
+
+
 def _attacked(cond: Condition) -> bool:
     """False for ``attack=none`` (the attack group's "off" option): only clean accuracy means anything."""
     return cond.first["params"].get("attack.name", "none") != "none"
@@ -257,13 +262,13 @@ def against(client: Any, conds: list[Condition], label: str, varying: list[str])
     for c in conds:
         groups[(attack_label(c.first), c.first["epsilon"])].append(c)
     found = False
-    for (attack, eps), group in groups.items():
+    for (attack, _), group in groups.items():
         base = next((c for c in group if _row_label(c.first, varying) == label), None)
         if base is None:
             continue
         found = True
         b_out = _seed_outcomes(client, base)
-        lines += [f"{attack} at eps {eps:.4g}:", "",
+        lines += [f"{attack} at eps {_eps(base.first)}:", "",
                   "| compression | seeds | Δ clean | Δ robust | Δ ASR (common) |", "|---|---|---|---|---|"]
         said = []
         for c in group:
@@ -285,7 +290,7 @@ def against(client: Any, conds: list[Condition], label: str, varying: list[str])
                     [~y["adv_ok"][m] for y, m in zip(o, common, strict=True)])
             cols = [_fmt_delta(d.get(k)) for k in ("delta_clean_acc", "delta_robust_acc", "delta_asr_common")]
             lines.append(f"| {_row_label(c.first, varying)} | {len(seeds)} | " + " | ".join(cols) + " |")
-            said.append(f"- {_row_label(c.first, varying)} vs {label} ({attack} eps {eps:.4g}): "
+            said.append(f"- {_row_label(c.first, varying)} vs {label} ({attack} eps {_eps(c.first)}): "
                         + "; ".join(verdict(w, *d[k]) for k, w in DELTAS if k in d) + ".")
         lines += ["", *said, ""]
     if not found:
@@ -302,7 +307,7 @@ def _other_intervals(conds: list[Condition], varying: list[str]) -> list[str]:
     for c in conds:
         m = c.first["all_metrics"]
         for name in sorted(k for k in m if f"{k}_lo" in m and f"{k}_hi" in m and k not in skip):
-            rows.append(f"| {attack_label(c.first)} {c.first['epsilon']:.4g} {_row_label(c.first, varying)} | "
+            rows.append(f"| {attack_label(c.first)} {_eps(c.first)} {_row_label(c.first, varying)} | "
                         f"`{name}` | {_fmt_delta((m[name], m[f'{name}_lo'], m[f'{name}_hi']))} |")
     return rows
 
@@ -331,8 +336,8 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
         by_attack[(attack_label(c.first), c.first["epsilon"])].append(c)
     verdicts: list[str] = []
     problems: list[str] = []
-    for (attack, eps), group in by_attack.items():
-        lines += [f"## {attack} at eps {eps:.4g}", "",
+    for (attack, _), group in by_attack.items():
+        lines += [f"## {attack} at eps {_eps(group[0].first)}", "",
                   "| compression | seeds | clean | robust | ASR | Δ clean | Δ robust | Δ ASR (common) |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in group:
@@ -351,7 +356,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
                 if _collapsed(c):
                     said += ("; † the compressed model is collapsed (near-chance clean accuracy or most "
                              "classes never predicted): its ASR describes a broken model, not a robust one")
-                verdicts.append(f"- {attack} eps {eps:.4g}, {_row_label(c.first, varying)} "
+                verdicts.append(f"- {attack} eps {_eps(c.first)}, {_row_label(c.first, varying)} "
                                 f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
         lines.append("")
     lines += ["## Verdicts", "", *(verdicts or ["- no compressed cell with a reference comparison"]), ""]
@@ -372,7 +377,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
             ds = [c_["all_metrics"].get("delta_robust_acc", math.nan) for c_ in c.cells]
             hw = [(c_["all_metrics"].get("delta_robust_acc_hi", math.nan)
                    - c_["all_metrics"].get("delta_robust_acc_lo", math.nan)) / 2 for c_ in c.cells]
-            lines.append(f"| {attack_label(c.first)} {c.first['epsilon']:.4g} {_row_label(c.first, varying)} | "
+            lines.append(f"| {attack_label(c.first)} {_eps(c.first)} {_row_label(c.first, varying)} | "
                          f"{statistics.stdev(ds) * 100:.1f} points | {statistics.median(hw) * 100:.1f} "
                          f"points |")
         lines.append("")
