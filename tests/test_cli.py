@@ -80,7 +80,7 @@ def test_bad_input_fails_before_anything_starts(tmp_path, args, fragment):
     assert p.returncode != 0
     assert fragment in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
-    assert not (tmp_path / "outputs" / "cache").exists()
+    assert not (tmp_path / "outputs" / "cache" / "baselines").exists()  # nothing trained or cached
 
 
 def test_imagefolder_without_test_dir_fails_clearly(tmp_path):
@@ -141,4 +141,4 @@ def test_user_checkpoint_is_used_instead_of_training(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "loaded user checkpoint" in p.stdout + p.stderr
     assert "training baseline" not in p.stdout + p.stderr
-    assert not (tmp_path / "outputs" / "cache").exists()
+    assert not (tmp_path / "outputs" / "cache" / "baselines").exists()  # nothing trained or cached

@@ -50,7 +50,7 @@ def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
     row_vs = next(line for line in vs.splitlines() if line.startswith("| l1_unstructured 0.75"))
     assert row.split(" | ")[-3:] == row_vs.split(" | ")[-3:]
     assert "python -m robustsweep.report --tracking-uri" in page  # the command that made it
-    rows = [line for line in page.splitlines() if line.startswith("| l1_unstructured 0.75")]
+    rows = [line for line in main.splitlines() if line.startswith("| l1_unstructured 0.75")]
     assert len(rows) == 1 and "| 2 |" in rows[0]  # the two seeds are one condition
     assert "(2 seeds):" in page and ("rises by" in page or "falls by" in page or "no change" in page)
     for fragment in ("git commit", "torch 2.", "cores", "fingerprint", "seeds: 0, 1",

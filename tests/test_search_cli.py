@@ -72,11 +72,15 @@ def test_cliff_search_is_a_study_with_a_parent_run_and_trial_children(searched):
     sweep_dir = Path(parent.data.tags["hydra.sweep.dir"])
     result = json.loads((sweep_dir / "cliff.json").read_text())
     assert result["metrics"]["cliff_low"] == m["cliff_low"]
-    # the bracket's ends with 95 % bootstrap intervals over images, from the trials' outcomes.csv
-    boot = result["bootstrap"]
-    assert boot["cliff_low_ci_lo"] <= m["cliff_low"] + 1e-9
-    assert m["cliff_high"] - 1e-9 <= boot["cliff_high_ci_hi"]
-    assert m["cliff_low_ci_hi"] == boot["cliff_low_ci_hi"]
+    # each trial was judged by the 95 % interval of its paired differences against the dense model
+    # (issue 29): unsafe only when the whole interval is past the allowance
+    for t in trials[1:]:
+        if max(t.user_attrs["constraints"]) > 0:
+            (child,) = [c for c in children if int(c.data.tags["optuna.trial_number"]) == t.number]
+            cm = child.data.metrics
+            assert cm["delta_asr_common_lo"] > 0.10 or cm["delta_clean_acc_hi"] < -0.05 or cm["collapsed"]
+    # so the bracket needs no bootstrap of its own (that resampled the point rule)
+    assert "bootstrap" not in result and "cliff_low_ci_lo" not in m
 
 
 def test_relaunch_continues_the_study_and_a_changed_objective_is_refused(searched):

@@ -93,7 +93,10 @@ def replicate_interval(a: Sequence[np.ndarray], b: Sequence[np.ndarray], n_boot:
     lo, hi = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
     half = student_t.ppf(0.5 + level / 2, n_seeds - 1) * per_seed.std(ddof=1) / math.sqrt(n_seeds)
     mid = float(per_seed.mean())
-    return mid, float(min(lo, mid - half)), float(max(hi, mid + half))
+    # the t interval of 2-3 seeds can overshoot what a difference of means can be ([-1, 1] for 0/1)
+    floor = min(float(y.min() - x.max()) for x, y in pairs)
+    ceiling = max(float(y.max() - x.min()) for x, y in pairs)
+    return mid, float(max(min(lo, mid - half), floor)), float(min(max(hi, mid + half), ceiling))
 
 
 def paired_deltas(ref_clean: np.ndarray, ref_robust: np.ndarray, clean: np.ndarray, robust: np.ndarray,
