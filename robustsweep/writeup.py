@@ -312,6 +312,22 @@ def _other_intervals(conds: list[Condition], varying: list[str]) -> list[str]:
     return rows
 
 
+def _write_conditions(conds: list[Condition], varying: list[str], path: Path) -> None:
+    """One row per condition (replicates aggregated): what the page's tables show, for a program."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["attack", "epsilon", "condition", "n_seeds", "seeds",
+                    *(f"{m}_{k}" for m in ("clean_acc", "robust_acc", "asr") for k in ("mean", "sd")),
+                    *(f"{d}{k}" for d, _ in DELTAS for k in ("", "_lo", "_hi"))])
+        for c in conds:
+            levels = [v for m in ("clean_acc", "robust_acc", "asr") for v in c.level(m)]
+            deltas = [v for d, _ in DELTAS for v in c.deltas.get(d, (math.nan,) * 3)]
+            w.writerow([attack_label(c.first), c.first["epsilon"], _row_label(c.first, varying), len(c.seeds),
+                        " ".join(c.seeds), *levels, *deltas])
+
+
 def _when(ms: int | None) -> str:
     return datetime.fromtimestamp((ms or 0) / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -319,7 +335,8 @@ def _when(ms: int | None) -> str:
 def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_dir: Path, *,
                studies: list[Any] = (), note: str = "", command: str | None = None,
                against_labels: list[str] = ()) -> Path:
-    """``out_dir/README.md``: one table per attack and eps, verdicts, cliff studies, provenance."""
+    """``out_dir/README.md``: one table per attack and eps, verdicts, cliff studies, provenance; and
+    ``out_dir/conditions.csv``: the same per condition, for a program."""
     conds = conditions(client, cells)
     varying = _varying(conds)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,6 +413,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
         for p in problems:
             log.warning("%s", p)
     lines += [*provenance(cells, note), ""]
+    _write_conditions(conds, varying, out_dir / "conditions.csv")
     page = out_dir / "README.md"
     page.write_text("\n".join(lines))
     return page

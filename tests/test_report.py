@@ -57,6 +57,12 @@ def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
                      "note: digits, as bundled"):
         assert fragment in page
     assert (tmp_path / "page" / "cells.csv").exists() and (tmp_path / "page" / "curves.png").exists()
+    import csv
+
+    with open(tmp_path / "page" / "conditions.csv") as f:
+        conds = {r["condition"]: r for r in csv.DictReader(f)}
+    assert conds["l1_unstructured 0.75"]["n_seeds"] == "2" and conds["l1_unstructured 0.75"]["seeds"] == "0 1"
+    assert float(conds["dense"]["delta_clean_acc"]) == 0.0
 
 
 @pytest.mark.slow
