@@ -137,15 +137,17 @@ def _pairs(client: Any, cond: Condition, refs: dict[tuple, dict[str, Any]]) -> l
     return out
 
 
-def _deltas_from_outcomes(cond: Condition, pairs: list[tuple[Any, Any]]) -> None:
-    """Intervals over seeds then images (one seed: over images), from per-image outcomes."""
-    for name, i in (("delta_clean_acc", 0), ("delta_robust_acc", 1)):
-        cond.deltas[name] = replicate_interval([r[i] for r, _ in pairs], [c[i] for _, c in pairs])
+def _deltas_from_outcomes(pairs: list[tuple[Any, Any]]) -> dict[str, tuple[float, float, float]]:
+    """Intervals over seeds then images (one seed: over images), from per-seed pairs of
+    ((reference clean_ok, adv_ok), (cell clean_ok, adv_ok))."""
+    out = {name: replicate_interval([r[i] for r, _ in pairs], [c[i] for _, c in pairs])
+           for name, i in (("delta_clean_acc", 0), ("delta_robust_acc", 1))}
     common = [r[0] & c[0] for r, c in pairs]
     if all(m.any() for m in common):
-        cond.deltas["delta_asr_common"] = replicate_interval(
+        out["delta_asr_common"] = replicate_interval(
             [~r[1][m] for (r, _), m in zip(pairs, common, strict=True)],
             [~c[1][m] for (_, c), m in zip(pairs, common, strict=True)])
+    return out
 
 
 def conditions(client: Any, cells: list[dict[str, Any]]) -> list[Condition]:
@@ -168,7 +170,7 @@ def conditions(client: Any, cells: list[dict[str, Any]]) -> list[Condition]:
         else:
             pairs = _pairs(client, cond, refs)
             if pairs is not None:
-                _deltas_from_outcomes(cond, pairs)
+                cond.deltas = _deltas_from_outcomes(pairs)
         out.append(cond)
     return sorted(out, key=lambda c: (attack_label(c.first), c.first["epsilon"], compression_label(c.first),
                                       c.first["sparsity"]))
@@ -280,14 +282,8 @@ def against(client: Any, conds: list[Condition], label: str, varying: list[str])
             if not seeds:
                 lines.append(f"| {_row_label(c.first, varying)} | 0 | – | – | – |")
                 continue
-            b, o = [b_out[s] for s in seeds], [c_out[s] for s in seeds]
-            d = {"delta_clean_acc": replicate_interval([x["clean_ok"] for x in b], [x["clean_ok"] for x in o]),
-                 "delta_robust_acc": replicate_interval([x["adv_ok"] for x in b], [x["adv_ok"] for x in o])}
-            common = [x["clean_ok"] & y["clean_ok"] for x, y in zip(b, o, strict=True)]
-            if all(m.any() for m in common):
-                d["delta_asr_common"] = replicate_interval(
-                    [~x["adv_ok"][m] for x, m in zip(b, common, strict=True)],
-                    [~y["adv_ok"][m] for y, m in zip(o, common, strict=True)])
+            d = _deltas_from_outcomes([((b_out[s]["clean_ok"], b_out[s]["adv_ok"]),
+                                        (c_out[s]["clean_ok"], c_out[s]["adv_ok"])) for s in seeds])
             cols = [_fmt_delta(d.get(k)) for k in ("delta_clean_acc", "delta_robust_acc", "delta_asr_common")]
             lines.append(f"| {_row_label(c.first, varying)} | {len(seeds)} | " + " | ".join(cols) + " |")
             said.append(f"- {_row_label(c.first, varying)} vs {label} ({attack} eps {_eps(c.first)}): "
