@@ -235,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         skip.add("lean")
         base = ["data=digits", "model=small_cnn", "train=digits"]
-        n_eval = args.n_eval or 300
+        n_eval = args.n_eval or 200
         grid = {"sparsity": "0,0.5", "epsilon": "2/255,8/255", "attack": "fgsm,pgd"}
-        batches, seconds, repeat = [64, 256], 0.2, 1
-        growth_n, growth_cells = [100, 300], [("sparsity", "0")]  # + the main grid (n_eval 300): 2 points each
+        batches, seconds, repeat = [64, 128], 0.2, 1
+        growth_n, growth_cells = [100, 200], [("sparsity", "0")]  # + the main grid (n_eval 200): 2 points each
         overhead_jobs = [1, 3]
     else:
         model_name = args.model or ("resnet18" if cuda else "resnet_small")

@@ -55,6 +55,18 @@ def _no_user_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it. The CLI run in-process (``robustsweep.__main__.main``)
+    sets the launch id, the sweep's parent run and the launcher's identity there for its jobs; left
+    behind, a later test's subprocesses inherited them (two fresh launches got the same launch id)."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_reuse_caches() -> None:
     """Each test starts without models or predictions cached by an earlier one (robustsweep.tracking.reuse)."""
     from robustsweep.tracking import reuse

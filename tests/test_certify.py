@@ -33,7 +33,8 @@ def test_certified_accuracy_is_logged_and_below_the_attacks(make_cfg, tmp_path):
     assert all("certified_acc" in r.data.metrics for r in runs)
     # On this trained network CROWN's backward relaxation alone falls below IBP on some
     # specifications (measured: 7, 101 and 365 of 1,800 at eps 0.02, 0.05, 0.1, by up to 1.14);
-    # crown_margins keeps the per-specification maximum of the two sound bounds.
+    # crown_margins keeps the per-specification maximum of the two sound bounds. Checked at 0.1,
+    # where CROWN alone falls below most often (each eps costs ~30 s of one core).
     from robustsweep.core.paths import resolve_path
     from robustsweep.steps.bounds import crown_margins, ibp_margins
     from robustsweep.steps.data import load_dataset
@@ -44,7 +45,7 @@ def test_certified_accuracy_is_logged_and_below_the_attacks(make_cfg, tmp_path):
     cache = resolve_path(cfg.paths.output_dir) / "cache" / "baselines"
     model, _ = get_baseline(cfg, ds, torch.device("cpu"), cache)
     x, y = ds.x_eval.float() / 255, ds.y_eval
-    for eps in (0.02, 0.05, 0.1):
+    for eps in (0.1,):
         crown, ibp = crown_margins(model, x, y, eps, 10), ibp_margins(model, x, y, eps, 10)
         assert (crown >= ibp).all(), (eps, int((crown < ibp).sum()), float((ibp - crown).max()))
 

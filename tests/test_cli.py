@@ -12,20 +12,27 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests import forked_cli
 from tests.conftest import FAST
+from tests.forked_cli import run_many
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *args: str, cold: bool = False) -> subprocess.CompletedProcess:
+    """``python -m robustsweep *args`` in ``tmp_path``, without the user's MLFLOW_TRACKING_URI: in a
+    process forked after the imports (tests/forked_cli.py), or with ``cold`` a new interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if not cold:
+        return forked_cli.run(list(args), tmp_path, env)
     return subprocess.run([sys.executable, "-m", "robustsweep", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
-    p = cli(tmp_path, "-m", "sparsity=0,0.5", "epsilon=8/255", *FAST)
+    """From a cold start, as a user types it (the other command-line tests share the imports)."""
+    p = cli(tmp_path, "-m", "sparsity=0,0.5", "epsilon=8/255", *FAST, cold=True)
     assert p.returncode == 0, p.stderr[-3000:]
     store = tmp_path / "outputs" / "mlflow.db"  # default store, relative to the launch dir
     assert store.exists()
@@ -45,7 +52,9 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     assert (p.stdout + p.stderr).count("training baseline") == 1
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
+# Each is a real ``python -m robustsweep`` command in its own process (forked from one that has
+# imported torch and robustsweep once: tests/forked_cli.py; ~0.3 s each instead of ~6 s).
+BAD_INPUT = [
     (["sparsity=1.5"], "sparsity=1.5"),
     (["epsilon=-1"], "epsilon=-1"),
     (["epsilon=8/0"], "epsilon='8/0'"),
@@ -72,11 +81,25 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     (["-m", "device=cuda", "sparsity=0,0.5"], "no CUDA GPU is available here"),
     (["data.mean=[125.3,123.0,113.9]"], "not 0..255"),
     (["attribution.max_n_steps=8"], "attribution.max_n_steps=8 is not valid"),
-])
-def test_bad_input_fails_before_anything_starts(tmp_path, args, fragment):
+]
+
+HELP_ARGS = [["--help"], ["--cfg", "job"], ["--info"]]
+
+
+@pytest.fixture(scope="module")
+def forked_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The commands of this module that end before any job: ``" ".join(args)`` -> (cwd, process)."""
+    commands = [args for args, _ in BAD_INPUT] + HELP_ARGS
+    dirs = [tmp_path_factory.mktemp("cli") for _ in commands]
+    runs = run_many([{"args": args, "cwd": d} for args, d in zip(commands, dirs, strict=True)])
+    return {" ".join(args): (d, p) for args, d, p in zip(commands, dirs, runs, strict=True)}
+
+
+@pytest.mark.parametrize(("args", "fragment"), BAD_INPUT)
+def test_bad_input_fails_before_anything_starts(forked_runs, args, fragment):
     if "CUDA" in fragment and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    p = cli(tmp_path, *args)
+    tmp_path, p = forked_runs[" ".join(args)]
     assert p.returncode != 0
     assert fragment in p.stderr + p.stdout, (p.stderr + p.stdout)[-2000:]
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
@@ -92,9 +115,9 @@ def test_imagefolder_without_test_dir_fails_clearly(tmp_path):
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["--info"]])
-def test_help_cfg_info_start_nothing(tmp_path, args):
-    p = cli(tmp_path, *args)
+@pytest.mark.parametrize("args", HELP_ARGS)
+def test_help_cfg_info_start_nothing(forked_runs, args):
+    tmp_path, p = forked_runs[" ".join(args)]
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "outputs").exists()
     if args == ["--cfg", "job"]:

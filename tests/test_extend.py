@@ -8,7 +8,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from robustsweep.config import compose
 from robustsweep.pipeline import run
+from tests import forked_cli
 from tests.conftest import FAST, isolated_overrides
+from tests.forked_cli import run_many
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -30,9 +31,9 @@ QUICKSTART_GRID = ["experiment=quickstart", "sparsity=0,0.25,0.5,0.75", "epsilon
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # PYTHONPATH: the repository, so that `tests.nets` imports as a user's own package would.
+    # In a process forked after the imports (tests/forked_cli.py), as a new interpreter would run it.
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "robustsweep", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return forked_cli.run(list(args), tmp_path, env, timeout=900)
 
 
 # A store written by the code before the reference AutoAttack, BN recalibration and gradual pruning
@@ -108,14 +109,26 @@ def test_own_network_by_target_and_a_torchattacks_attack_by_yaml_run_end_to_end(
     assert by[("mifgsm", "0.5")].data.metrics["sparsity_measured"] == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize(("target", "fragment"), [
+BAD_TARGETS = [
     ("tests.nets.no_such_net", "model._target_='tests.nets.no_such_net' is not importable"),
     ("no_such_pkg.nets.net", "model._target_='no_such_pkg.nets.net' is not importable"),
     ("tests.nets.NOT_CALLABLE", "is a int, not callable"),
     ("tests.nets.not_a_network", "returned a str, not a torch.nn.Module"),
-])
-def test_a_bad_target_is_a_clear_error_before_anything_runs(tmp_path, target, fragment):
-    p = cli(tmp_path, "-m", "model=custom", f"model._target_={target}", "sparsity=0,0.5")
+]
+
+
+@pytest.fixture(scope="module")
+def bad_target_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Real commands, each in its own process forked after the imports (tests/forked_cli.py)."""
+    dirs = [tmp_path_factory.mktemp("bad-target") for _ in BAD_TARGETS]
+    runs = run_many([{"args": ["-m", "model=custom", f"model._target_={t}", "sparsity=0,0.5"], "cwd": d,
+                      "env": {"PYTHONPATH": str(REPO)}} for (t, _), d in zip(BAD_TARGETS, dirs, strict=True)])
+    return {t: (d, p) for (t, _), d, p in zip(BAD_TARGETS, dirs, runs, strict=True)}
+
+
+@pytest.mark.parametrize(("target", "fragment"), BAD_TARGETS)
+def test_a_bad_target_is_a_clear_error_before_anything_runs(bad_target_runs, target, fragment):
+    tmp_path, p = bad_target_runs[target]
     assert p.returncode != 0
     assert fragment in p.stderr + p.stdout, (p.stdout + p.stderr)[-2000:]
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing started

@@ -4,13 +4,13 @@ intervals, provenance, and what is missing named while the rest is still written
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from robustsweep.writeup import verdict
+from tests import forked_cli
 from tests.test_cli import cli
 
 
@@ -33,9 +33,8 @@ def store(tmp_path_factory) -> Path:
 
 
 def _report(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "robustsweep.report", "--tracking-uri",
-                           f"sqlite:///{root}/outputs/mlflow.db", *args], cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    return forked_cli.run(["--tracking-uri", f"sqlite:///{root}/outputs/mlflow.db", *args], root,
+                          module="robustsweep.report", timeout=300)
 
 
 @pytest.mark.slow

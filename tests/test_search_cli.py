@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from robustsweep.search import INTERRUPTED_ATTR
 from robustsweep.tracking.sweep import ROLE_TAG
+from tests.forked_cli import run_many
 from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
@@ -139,7 +140,8 @@ def test_sigkill_mid_search_then_relaunch_continues_from_the_stored_trials(tmp_p
     assert all(r.info.status in ("FINISHED", "FAILED") for r in _runs(tmp_path, "cell"))
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
+# Real commands, each in its own process forked after the imports (tests/forked_cli.py)
+BAD_SEARCH = [
     (["sparsity=interval(0.9,0.1)"], "sparsity=interval(0.9, 0.1) is empty or inverted"),
     (["sparsity=interval(0,1.5)"], "sparsity=1.5 is not valid; allowed: a float in [0, 1)"),
     (["search.sampler=cmaes"], "expected one of [bisection, tpe, gp, random]"),
@@ -149,9 +151,20 @@ def test_sigkill_mid_search_then_relaunch_continues_from_the_stored_trials(tmp_p
     (["prune=l1_unstructured,global_l1"], "search.sampler=bisection searches one linear float key"),
     (["search.sampler=tpe", "epsilon=0.05,0.1"], "searching epsilon would change the dense reference"),
     (["search.n_trials=0"], "search.n_trials=0 is not valid"),
-])
-def test_bad_search_input_fails_before_any_trial(tmp_path, args, fragment):
-    p = cli(tmp_path, *SEARCH, *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_search_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    dirs = [tmp_path_factory.mktemp("bad-search") for _ in BAD_SEARCH]
+    runs = run_many([{"args": [*SEARCH, *args], "cwd": d}
+                     for (args, _), d in zip(BAD_SEARCH, dirs, strict=True)])
+    return {" ".join(args): (d, p) for (args, _), d, p in zip(BAD_SEARCH, dirs, runs, strict=True)}
+
+
+@pytest.mark.parametrize(("args", "fragment"), BAD_SEARCH)
+def test_bad_search_input_fails_before_any_trial(bad_search_runs, args, fragment):
+    tmp_path, p = bad_search_runs[" ".join(args)]
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert fragment in out, out[-2000:]

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from robustsweep.config import ConfigError
 from robustsweep.tracking import store as tracking
 from robustsweep.tracking.sweep import CELL_TAG, ROLE_TAG
+from tests import forked_cli
 from tests.test_cli import REPO, cli
 
 
@@ -177,9 +178,8 @@ def test_full_disk_is_a_clear_error_before_any_run(make_cfg, tmp_path, monkeypat
 def test_unwritable_output_dir_is_a_clear_error_at_start(tmp_path, mode):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     args = {"run": [], "grid": ["-m", "sparsity=0,0.5"], "cliff": ["-m", "search=cliff"]}[mode]
-    p = subprocess.run([sys.executable, "-m", "robustsweep", *args, "paths.output_dir=blocker/out",
-                        "tracking.uri=sqlite:///store/mlflow.db"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+    p = forked_cli.run([*args, "paths.output_dir=blocker/out", "tracking.uri=sqlite:///store/mlflow.db"],
+                       tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert "paths.output_dir: cannot write to" in out and "Traceback" not in out, out[-3000:]

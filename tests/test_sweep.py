@@ -14,6 +14,7 @@ from robustsweep.config import compose
 from robustsweep.summary import wilson
 from robustsweep.tracking.identity import cell_id
 from robustsweep.tracking.sweep import CELL_TAG, ERROR_TAG, ROLE_TAG
+from tests import forked_cli
 from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
@@ -73,11 +74,7 @@ def test_relaunch_skips_finished_cells_and_reuses_the_parent(swept):
 
 
 def test_report_rebuilds_the_summary_from_the_store(swept, tmp_path):
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "robustsweep.report", "--out", str(tmp_path / "r")],
-                       cwd=swept, capture_output=True, text=True, timeout=300)
+    p = forked_cli.run(["--out", str(tmp_path / "r")], swept, module="robustsweep.report", timeout=300)
     assert p.returncode == 0, p.stderr
     assert {f.name for f in (tmp_path / "r").iterdir()} >= {
         "heatmap_asr.png", "heatmap_robust_acc.png", "curves.png", "attention_drift.png", "cells.csv"}
@@ -88,13 +85,9 @@ def test_report_rebuilds_the_summary_from_the_store(swept, tmp_path):
 @pytest.mark.parametrize("args", [["--experiment", "nope"], ["--parent-run-id", "0123abcd"],
                                   ["--tracking-uri", "sqlite:///missing/store.db"]])
 def test_report_bad_input_exits_2_and_modifies_nothing(swept, args):
-    import subprocess
-    import sys
-
     db = swept / "outputs" / "mlflow.db"
     before = db.stat().st_mtime_ns
-    p = subprocess.run([sys.executable, "-m", "robustsweep.report", *args], cwd=swept,
-                       capture_output=True, text=True, timeout=300)
+    p = forked_cli.run(args, swept, module="robustsweep.report", timeout=300)
     assert p.returncode == 2 and p.stderr.strip(), p.stderr
     assert db.stat().st_mtime_ns == before
     assert not (swept / "missing").exists()

@@ -16,7 +16,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import t as student_t
 
 
 def mcnemar(a_ok: np.ndarray, b_ok: np.ndarray) -> float:
@@ -91,6 +90,8 @@ def replicate_interval(a: Sequence[np.ndarray], b: Sequence[np.ndarray], n_boot:
     boot = draws[which, cols].mean(1)
     per_seed = np.array([y.mean() - x.mean() for x, y in pairs])
     lo, hi = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    from scipy.stats import t as student_t  # here, not at import: scipy.stats costs ~1.7 s per process
+
     half = student_t.ppf(0.5 + level / 2, n_seeds - 1) * per_seed.std(ddof=1) / math.sqrt(n_seeds)
     mid = float(per_seed.mean())
     # the t interval of 2-3 seeds can overshoot what a difference of means can be ([-1, 1] for 0/1)

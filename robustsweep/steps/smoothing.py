@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.stats import beta, binomtest, norm
 from torch import nn
 
 ABSTAIN = -1
@@ -31,6 +30,8 @@ ABSTAIN = -1
 
 def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) lower confidence bound on a binomial proportion from k of n."""
+    from scipy.stats import beta  # lazily: scipy.stats costs ~1.7 s at every start-up
+
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
@@ -64,6 +65,8 @@ def certify(model: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, al
     p_lo = clopper_pearson_lower(n_a, n, alpha)
     if p_lo < 0.5:
         return Certificate(ABSTAIN, 0.0, p_lo)
+    from scipy.stats import norm
+
     return Certificate(guess, float(sigma * norm.ppf(p_lo)), p_lo)
 
 
@@ -73,6 +76,8 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int, alpha: floa
     test cannot tell it from the runner-up at level ``alpha`` (then P(wrong class returned) <= alpha)."""
     top2 = sample_counts(model, x, sigma, n, n_classes, batch, gen).topk(2)
     n_a, n_b = (int(v) for v in top2.values)
+    from scipy.stats import binomtest
+
     if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
         return ABSTAIN
     return int(top2.indices[0])
