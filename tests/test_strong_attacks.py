@@ -57,6 +57,38 @@ def test_autoattack_equals_torchattacks_autoattack_on_the_same_batches(digits_mo
     assert ours.attack_names == ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
+def test_the_pgd_prefilter_only_lowers_robust_accuracy_and_spares_autoattack_the_broken_images(digits_model):
+    """Issue 32: PGD first, AutoAttack's components on what PGD left robust. Per image the result is the
+    worst case over both: every image AutoAttack alone breaks is broken (robust accuracy never higher),
+    PGD is credited with what it broke, and the components see only the rest."""
+    model, ds, _ = digits_model
+    x_eval, y_eval = ds.x_eval[:128], ds.y_eval[:128]
+    base = {"name": "autoattack", "version": "standard", "norm": "linf", "steps": 10}
+    seen: list[int] = []
+    with frozen(model):
+        alone = evaluate(model, build_attack(model, 0.1, OmegaConf.create(base), n_classes=10, seed=3),
+                         x_eval, y_eval, 0.1, 64)
+        torch.manual_seed(0)
+        attack = build_attack(model, 0.1, OmegaConf.create({**base, "prefilter": "pgd"}), n_classes=10, seed=3)
+        apgd = attack.attacks[1]
+        apgd_call = apgd.forward
+        apgd.forward = lambda x, y: (seen.append(len(x)), apgd_call(x, y))[1]
+        pre = evaluate(model, attack, x_eval, y_eval, 0.1, 64)
+    assert pre.attack_names == ("pgd", "apgd-ce", "apgd-t", "fab-t", "square")
+    assert 0 < alone.n_fooled < alone.n_correct  # a case where the two could differ
+    by_pgd = int((pre.broken_by == 0).sum())
+    assert by_pgd > 0 and sum(seen) == pre.n_correct - by_pgd  # APGD-CE saw only the images PGD left
+    correct = alone.clean_pred == y_eval
+    broken_alone, broken_pre = correct & (alone.adv_pred != y_eval), correct & (pre.adv_pred != y_eval)
+    assert not (broken_alone & ~broken_pre).any()  # no image robust that AutoAttack alone breaks
+    assert pre.robust_acc <= alone.robust_acc
+
+
+def test_a_prefilter_autoattack_cannot_name_is_refused(make_cfg):
+    with pytest.raises(ConfigError, match=r"attack.prefilter='fgsm' is not valid; allowed: none or pgd"):
+        validate(make_cfg("attack=autoattack", "attack.prefilter=fgsm"))
+
+
 def test_autoattack_refuses_a_missing_class_count(digits_model):
     model, _, _ = digits_model
     with pytest.raises(ValueError, match="n_classes"):
@@ -218,6 +250,19 @@ def test_linf_default_norm_leaves_cell_ids_unchanged(make_cfg):
     assert cell_id(cfg) == cell_id(without)
     assert cell_id(make_cfg("attack=pgd", "attack.norm=l2", "epsilon=0.5")) != cell_id(make_cfg("attack=pgd",
                                                                                              "epsilon=0.5"))
+
+
+def test_an_autoattack_cell_without_prefilter_keeps_the_id_it_had_before_the_key(make_cfg):
+    """A reference AutoAttack cell stored before ``attack.prefilter`` existed is its ``prefilter=none``
+    cell (resumed by it); the default, PGD first, is another cell."""
+    from robustsweep.tracking.identity import cell_id
+
+    cfg = make_cfg("attack=autoattack", "attack.prefilter=none")
+    before = cfg.copy()
+    OmegaConf.set_struct(before, False)
+    del before.attack["prefilter"], before.attack["prefilter_steps"]
+    assert cell_id(cfg) == cell_id(before)
+    assert cell_id(make_cfg("attack=autoattack")) != cell_id(cfg)
 
 
 def test_autoattack_cell_end_to_end_logs_breakdown_outcomes_curve_and_transfer(make_cfg):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class ValidatingSweeper(BasicSweeper):
         from robustsweep.core import process
         from robustsweep.core.device import PARALLEL_ENV, parallel_jobs
         from robustsweep.core.paths import redact_url
+        from robustsweep.core.progress import relay
         from robustsweep.tracking import store
         from robustsweep.tracking import sweep as sw
         from robustsweep.tracking.cellrun import LAUNCHER_ENV
@@ -126,18 +128,24 @@ class ValidatingSweeper(BasicSweeper):
 
         returns, failures = [], []
         step = self.max_batch_size or len(todo) or 1
+        # Worker processes log to their job folders, not here: relay each finished cell (and each
+        # error) to this terminal as it happens, instead of silence until the last one ends.
+        watch = (nullcontext() if isinstance(self.launcher, BasicLauncher) else
+                 relay(sweep_dir, f"*/{self.config.hydra.job.name}.log", (" FINISHED in ", "[ERROR]"),
+                       prefix="job "))
         try:
-            for start in range(0, len(todo), step):
-                batch = todo[start:start + step]
-                # worker processes take their share of the cores (robustsweep.core.device.share_cpu_threads)
-                os.environ[PARALLEL_ENV] = str(parallel_jobs(self.config.hydra.launcher, len(batch)))
-                results = self.launcher.launch(batch, initial_job_idx=start)
-                for job, r in zip(batch, results, strict=True):
-                    if r.status == JobStatus.FAILED:
-                        err = r._return_value  # the exception; .return_value would re-raise it
-                        failures.append({"overrides": [redact_url(o) for o in job],
-                                         "error": redact_url(f"{type(err).__name__}: {err}")})
-                returns.append(results)
+            with watch:
+                for start in range(0, len(todo), step):
+                    batch = todo[start:start + step]
+                    # worker processes take their share of the cores (robustsweep.core.device.share_cpu_threads)
+                    os.environ[PARALLEL_ENV] = str(parallel_jobs(self.config.hydra.launcher, len(batch)))
+                    results = self.launcher.launch(batch, initial_job_idx=start)
+                    for job, r in zip(batch, results, strict=True):
+                        if r.status == JobStatus.FAILED:
+                            err = r._return_value  # the exception; .return_value would re-raise it
+                            failures.append({"overrides": [redact_url(o) for o in job],
+                                             "error": redact_url(f"{type(err).__name__}: {err}")})
+                    returns.append(results)
         except (KeyboardInterrupt, SystemExit) as e:
             self._interrupted(e, client, experiment_id, parent, sweep_dir, jobs, cfgs, done, failures)
         except BrokenProcessPool as e:  # joblib lost a worker (SIGKILL, OOM) and stopped the others with it

@@ -1,16 +1,91 @@
-"""Progress bars that stay readable in logs: frequent on a terminal, every 30 s otherwise."""
+"""Progress that stays readable in logs: bars (frequent on a terminal, every 10 s otherwise), and a
+heartbeat line for a step whose bar cannot move.
+
+A bar advances per batch; an attack on one batch (AutoAttack on 128 CIFAR images: minutes on a CPU),
+CROWN's layer-by-layer bounds or one smoothing certificate gives it nothing to advance on, and a
+user saw 0 % for minutes (issue 31). ``heartbeat`` logs a line every ``every_s`` seconds while such
+a block runs, from a daemon thread that only reads the clock, and none after it ends.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+log = logging.getLogger("robustsweep.progress")
+EVERY_S = 10.0  # the longest silence in a log (issue 31: "nothing silent for more than ~10 s")
+
 
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     interactive = sys.stderr.isatty()
-    kwargs.setdefault("mininterval", 0.5 if interactive else 30.0)
+    kwargs.setdefault("mininterval", 0.5 if interactive else EVERY_S)
     kwargs.setdefault("leave", interactive)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+@contextmanager
+def heartbeat(desc: str, every_s: float | None = None) -> Iterator[None]:
+    """``desc: still running (N s)`` every ``every_s`` seconds (default ``EVERY_S``) while the block runs."""
+    every_s = EVERY_S if every_s is None else every_s
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info("%s: still running (%.0f s)", desc, time.monotonic() - t0)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {desc}"[:60], daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextmanager
+def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "",
+          every_s: float = 2.0) -> Iterator[None]:
+    """While the block runs, log each new line holding one of ``contains`` from the files
+    ``folder.glob(pattern)`` (the job logs of a sweep's worker processes, which write to their own
+    files, not to this terminal), prefixed with the file's folder name (a Hydra job's number); once
+    more at the end, so that no line is missed. Lines logged there at ERROR are relayed as warnings."""
+    done = threading.Event()
+    offsets: dict[Path, int] = {}
+
+    def scan() -> None:
+        for path in sorted(folder.glob(pattern)):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n") + 1  # whole lines only: a job may be writing the rest
+            offsets[path] = offsets.get(path, 0) + end
+            for line in chunk[:end].decode(errors="replace").splitlines():
+                if any(c in line for c in contains):
+                    level = logging.WARNING if "[ERROR]" in line else logging.INFO
+                    log.log(level, "%s%s: %s", prefix, path.parent.name, line.split("] - ", 1)[-1].strip())
+
+    def watch() -> None:
+        while not done.wait(every_s):
+            scan()
+
+    thread = threading.Thread(target=watch, name="relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        scan()

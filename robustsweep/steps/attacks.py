@@ -43,7 +43,7 @@ from torch import nn
 
 from robustsweep.core.guards import attack_checked, check_unit_range, frozen
 from robustsweep.core.params import check, parse_epsilon, positive_int
-from robustsweep.core.progress import progress
+from robustsweep.core.progress import heartbeat, progress
 from robustsweep.core.registry import TARGET, Registry
 from robustsweep.steps.data import to_float
 from robustsweep.steps.quantize import pairs, twin_mode
@@ -387,6 +387,7 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
         broken_by = torch.full_like(clean_pred, -1) if names else None
         adv_pred_twin = clean_pred.clone() if pairs(model) else None
         n_fooled, n_batches, max_dist, n_grad0 = 0, 0, 0.0, getattr(attack, "n_grad", 0)
+        n_total = -(-len(correct_idx) // batch_size)
         for i in progress(range(0, len(correct_idx), batch_size), desc=desc, unit="batch"):
             idx = correct_idx[i:i + batch_size]
             x, yb = as_pixels(x_images[idx]), y[idx]
@@ -395,7 +396,8 @@ def evaluate(model: nn.Module, attack: AttackFn, x_images: torch.Tensor, y: torc
                 directions.append(d)
                 x_adv, dist = attack_checked(lambda xb, _, d=d: attack.step(xb, d), x, yb, eps)
             else:
-                x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
+                with heartbeat(f"{desc}: batch {i // batch_size + 1} of {n_total} ({len(idx)} images)"):
+                    x_adv, dist = attack_checked(attack, x, yb, eps)  # labels verified unchanged
             max_dist = max(max_dist, dist)
             n_batches += 1
             if broken_by is not None:

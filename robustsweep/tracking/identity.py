@@ -34,7 +34,8 @@ TARGET = "_target_"
 # Keys added after identity v2, dropped at their neutral value (which computes the cell exactly as
 # it was computed before they existed), so stores made before them keep resuming:
 # (node, key, neutral value, keys that matter only when key is not neutral)
-LATER_KEYS = (("compress", "bn_recalibrate", 0, ()), ("prune", "schedule", "oneshot", ("steps",)))
+LATER_KEYS = (("compress", "bn_recalibrate", 0, ()), ("prune", "schedule", "oneshot", ("steps",)),
+              ("attack", "prefilter", "none", ("prefilter_steps",)))
 
 
 def _is_neutral(node: Any) -> bool:

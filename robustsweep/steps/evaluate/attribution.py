@@ -30,6 +30,7 @@ from torch import nn
 
 from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, nonnegative_int, positive_int
+from robustsweep.core.progress import heartbeat
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
 
@@ -247,9 +248,10 @@ def run(ctx: EvalContext) -> Outcome:
     x_adv = robust.adversarial(ctx, pos)
     # The clean half does not depend on the attack or eps: one per model and images.
     key = ("ig", OmegaConf.to_container(a, resolve=True), idx.tolist())
-    attr, clean = integrated_gradients(ctx.model, x, x_adv, y, idx, a.n_steps, a.baseline,
-                                       a.internal_batch_size, max_n_steps=a.get("max_n_steps"),
-                                       clean=ctx.memo.get("ig_clean", *key))
+    with heartbeat(f"integrated gradients on {len(idx)} images, {a.n_steps} steps"):
+        attr, clean = integrated_gradients(ctx.model, x, x_adv, y, idx, a.n_steps, a.baseline,
+                                           a.internal_batch_size, max_n_steps=a.get("max_n_steps"),
+                                           clean=ctx.memo.get("ig_clean", *key))
     ctx.memo.put("ig_clean", clean, *key)
     fig = plot_attributions(attr, ds.classes, f"{ctx.title} | IG {attr.n_steps} steps, {a.baseline} baseline")
     out = ctx.stage / "ig"

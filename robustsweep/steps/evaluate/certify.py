@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.guards import frozen
 from robustsweep.core.params import check, nonnegative_int, number_in, positive_int
-from robustsweep.core.progress import progress
+from robustsweep.core.progress import heartbeat, progress
 from robustsweep.steps.attacks import as_pixels, attack_norm
 from robustsweep.steps.bounds import (
     BoundError,
@@ -130,9 +130,11 @@ def _run_smoothing(ctx: EvalContext) -> Outcome:
     preds, radii = [], []
     with frozen(ctx.model):
         x_all = as_pixels(ds.x_eval)
-        for i in progress(range(len(x_all)), desc=f"smoothing sigma={node.sigma} n={node.n}", unit="img"):
-            c = certify(ctx.model, x_all[i], sigma, int(node.n0), int(node.n), float(node.alpha), n_classes,
-                        batch, gen)
+        desc = f"smoothing sigma={node.sigma} n={node.n}"
+        for i in progress(range(len(x_all)), desc=desc, unit="img"):
+            with heartbeat(f"{desc}: image {i + 1} of {len(x_all)}"):
+                c = certify(ctx.model, x_all[i], sigma, int(node.n0), int(node.n), float(node.alpha),
+                            n_classes, batch, gen)
             preds.append(c.pred)
             radii.append(c.radius)
     seconds = time.perf_counter() - t0
@@ -169,11 +171,13 @@ def _attack_smoothed(ctx: EvalContext, x_all: torch.Tensor, certified: torch.Ten
     t0 = time.perf_counter()
     adv_pred = []
     with frozen(ctx.model):
-        for i in progress(range(0, len(x_all), per), desc=f"SmoothAdv r={node.radius}", unit="batch"):
-            x_adv = smooth_adv(ctx.model, x_all[i:i + per], ds.y_eval[i:i + per], sigma, float(node.radius),
-                               int(node.attack_steps), samples, gen)
-            adv_pred += [predict(ctx.model, xa, sigma, int(node.n), float(node.alpha), n_classes,
-                                 int(node.batch_size), gen) for xa in x_adv]
+        desc = f"SmoothAdv r={node.radius}"
+        for i in progress(range(0, len(x_all), per), desc=desc, unit="batch"):
+            with heartbeat(f"{desc}: images {i + 1}-{min(i + per, len(x_all))} of {len(x_all)}"):
+                x_adv = smooth_adv(ctx.model, x_all[i:i + per], ds.y_eval[i:i + per], sigma,
+                                   float(node.radius), int(node.attack_steps), samples, gen)
+                adv_pred += [predict(ctx.model, xa, sigma, int(node.n), float(node.alpha), n_classes,
+                                     int(node.batch_size), gen) for xa in x_adv]
     adv_pred_t = torch.tensor(adv_pred)
     y = ds.y_eval.cpu()
     violated = certified & (adv_pred_t != y) & (adv_pred_t != ABSTAIN)
@@ -219,16 +223,19 @@ def run(ctx: EvalContext) -> Outcome:
     certified = torch.zeros(len(ds.y_eval), dtype=torch.bool)
     with frozen(ctx.model):
         batch = _batch(ctx, ctx.model)
-        for i in range(0, len(ds.y_eval), batch):
+        desc = f"certify={node.name} eps={eps:.4g}"
+        n_total = -(-len(ds.y_eval) // batch)
+        for i in progress(range(0, len(ds.y_eval), batch), desc=desc, unit="batch"):
             x = as_pixels(ds.x_eval[i:i + batch])
             y = ds.y_eval[i:i + batch]
-            if node.name == "ibp":
-                with torch.no_grad():
-                    m = ibp_margins(ctx.model, x, y, eps, n_classes)
-            else:
-                m = crown_margins(ctx.model, x, y, eps, n_classes,
-                                  method="crown" if node.intermediate == "crown" else "crown-ibp",
-                                  chunk=int(node.chunk))
+            with heartbeat(f"{desc}: batch {i // batch + 1} of {n_total} ({len(y)} images)"):
+                if node.name == "ibp":
+                    with torch.no_grad():
+                        m = ibp_margins(ctx.model, x, y, eps, n_classes)
+                else:
+                    m = crown_margins(ctx.model, x, y, eps, n_classes,
+                                      method="crown" if node.intermediate == "crown" else "crown-ibp",
+                                      chunk=int(node.chunk))
             certified[i:i + batch] = (m > 0).all(1).cpu()
     seconds = time.perf_counter() - t0
     y = ds.y_eval.cpu()

@@ -45,6 +45,7 @@ from torch import nn
 
 from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, number_in, positive_int
+from robustsweep.core.progress import heartbeat
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
 from robustsweep.steps.evaluate.attribution import ig_maps
@@ -144,7 +145,7 @@ def attribute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConf
     torch.manual_seed(seed)  # SmoothGrad's noise, GradientSHAP's baselines
     base = torch.zeros_like(x)  # black
     bs = int(node.internal_batch_size)
-    with frozen(model):
+    with frozen(model), heartbeat(f"drift: {node.method} maps of {len(x)} images"):
         if node.method == "integrated_gradients":
             return ig_maps(model, x, y, int(node.n_steps), int(node.get("max_n_steps") or node.n_steps), bs)
         out = []
