@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -173,6 +174,8 @@ def test_submitit_local_sweep_lands_in_the_server(tracking_server, tmp_path):
                    "sparsity=0,0.5", "epsilon=0.1", *TINY, "tracking.experiment=submitit",
                    env={"MLFLOW_TRACKING_URI": tracking_server.tracking_uri})
     assert rc == 0, out[-3000:]
+    # the workers log to their job folders; each finished cell is relayed here as it ends (issue 31)
+    assert sorted(re.findall(r"job (\d): cell .+: run \w+ FINISHED in", out)) == ["0", "1"], out[-3000:]
     client = MlflowClient(tracking_server.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("submitit").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]

@@ -128,11 +128,14 @@ class ValidatingSweeper(BasicSweeper):
 
         returns, failures = [], []
         step = self.max_batch_size or len(todo) or 1
-        # Worker processes log to their job folders, not here: relay each finished cell (and each
-        # error) to this terminal as it happens, instead of silence until the last one ends.
-        watch = (nullcontext() if isinstance(self.launcher, BasicLauncher) else
-                 relay(sweep_dir, f"*/{self.config.hydra.job.name}.log", (" FINISHED in ", "[ERROR]"),
-                       prefix="job "))
+        # Submitit's workers (local or SLURM) log to their job folders, not here: relay each finished
+        # cell (and each error) to this terminal as it happens, instead of silence until the last one
+        # ends. (Joblib's loky workers inherit this terminal and print their own lines; in-process
+        # jobs print here anyway.)
+        launcher = type(self.launcher).__name__
+        quiet_workers = not isinstance(self.launcher, BasicLauncher) and "Joblib" not in launcher
+        watch = (relay(sweep_dir, f"*/{self.config.hydra.job.name}.log", (" FINISHED in ", "[ERROR]"),
+                       prefix="job ") if quiet_workers else nullcontext())
         try:
             with watch:
                 for start in range(0, len(todo), step):
