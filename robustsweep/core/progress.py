@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,16 @@ def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
 
 
 @contextmanager
-def heartbeat(desc: str, every_s: float | None = None) -> Iterator[None]:
-    """``desc: still running (N s)`` every ``every_s`` seconds (default ``EVERY_S``) while the block runs."""
-    every_s = EVERY_S if every_s is None else every_s
+def _periodically(fn: Callable[[], None], every_s: float, name: str) -> Iterator[None]:
+    """Call ``fn`` every ``every_s`` seconds from a daemon thread while the block runs; the thread
+    has ended when the block exits (normally or by an exception)."""
     done = threading.Event()
-    t0 = time.monotonic()
 
-    def beat() -> None:
+    def loop() -> None:
         while not done.wait(every_s):
-            log.info("%s: still running (%.0f s)", desc, time.monotonic() - t0)
+            fn()
 
-    thread = threading.Thread(target=beat, name=f"heartbeat {desc}"[:60], daemon=True)
+    thread = threading.Thread(target=loop, name=name[:60], daemon=True)
     thread.start()
     try:
         yield
@@ -53,13 +52,21 @@ def heartbeat(desc: str, every_s: float | None = None) -> Iterator[None]:
 
 
 @contextmanager
+def heartbeat(desc: str, every_s: float | None = None) -> Iterator[None]:
+    """``desc: still running (N s)`` every ``every_s`` seconds (default ``EVERY_S``) while the block runs."""
+    t0 = time.monotonic()
+    with _periodically(lambda: log.info("%s: still running (%.0f s)", desc, time.monotonic() - t0),
+                       EVERY_S if every_s is None else every_s, f"heartbeat {desc}"):
+        yield
+
+
+@contextmanager
 def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "",
           every_s: float = 2.0) -> Iterator[None]:
     """While the block runs, log each new line holding one of ``contains`` from the files
     ``folder.glob(pattern)`` (the job logs of a sweep's worker processes, which write to their own
     files, not to this terminal), prefixed with the file's folder name (a Hydra job's number); once
     more at the end, so that no line is missed. Lines logged there at ERROR are relayed as warnings."""
-    done = threading.Event()
     offsets: dict[Path, int] = {}
 
     def scan() -> None:
@@ -77,15 +84,8 @@ def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "
                     level = logging.WARNING if "[ERROR]" in line else logging.INFO
                     log.log(level, "%s%s: %s", prefix, path.parent.name, line.split("] - ", 1)[-1].strip())
 
-    def watch() -> None:
-        while not done.wait(every_s):
-            scan()
-
-    thread = threading.Thread(target=watch, name="relay", daemon=True)
-    thread.start()
     try:
-        yield
+        with _periodically(scan, every_s, "relay"):
+            yield
     finally:
-        done.set()
-        thread.join()
         scan()
