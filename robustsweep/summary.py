@@ -38,7 +38,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from robustsweep.core.params import eps_label
-from robustsweep.tracking.store import pruning_label
+from robustsweep.tracking.store import exact_metrics, pruning_label
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def cells_of(runs: list[Any]) -> list[dict[str, Any]]:
         if cid and cid in seen:
             continue
         seen.add(cid)
-        p, m = r.data.params, r.data.metrics
+        p, m = r.data.params, exact_metrics(r)
         cell = {"run_id": r.info.run_id, "cell_id": r.data.tags.get("robustsweep.cell_id", ""),
                 "suspect": r.data.tags.get("suspect", ""), "tags": dict(r.data.tags),
                 "start": r.info.start_time}

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from mlflow.tracking import MlflowClient
 
 from robustsweep.search import Criterion, bracket
+from robustsweep.tracking.store import exact_metrics
 from robustsweep.tracking.sweep import ROLE_TAG, finished_children
 
 log = logging.getLogger("cliff_vs_grid")
@@ -36,7 +37,7 @@ def children(client: MlflowClient, exp: str, role: str) -> tuple[str, list]:
         raise SystemExit(f"no {role} parent run in the store")
     pid = parents[0].info.run_id
     runs = finished_children(client, pid, exp)
-    rows = sorted(((float(r.data.params["sparsity"]), r.data.metrics) for r in runs), key=lambda x: x[0])
+    rows = sorted(((float(r.data.params["sparsity"]), exact_metrics(r)) for r in runs), key=lambda x: x[0])
     return pid, rows
 
 

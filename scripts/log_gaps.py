@@ -2,8 +2,8 @@
 
     python scripts/log_gaps.py --out outputs/gaps/aa.log -- python -m robustsweep attack=autoattack ...
 
-Runs the command with stdout and stderr merged, stamps every line (and every progress-bar redraw,
-which ends in a carriage return) with the seconds since start, writes them to ``--out``, and prints
+Runs the command with stdout and stderr merged, stamps every line (and every progress-bar draw,
+also one whose line has not ended yet) with the seconds since start, writes them to ``--out``, and prints
 the longest gaps between two consecutive outputs with the line that ended each. Issue 31: nothing
 silent for more than ~10 s.
 """
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         buf += chunk
         *parts, buf = re.split(rb"[\r\n]", buf)
         stamped += [(now, part.decode(errors="replace")) for part in parts if part.strip()]
-    if buf.strip():
-        stamped.append((time.monotonic() - t0, buf.decode(errors="replace")))
+        if buf.strip():  # a bar drawn ("\rtext", its line not ended yet) is output a person sees too
+            stamped.append((now, buf.decode(errors="replace") + " [drawn, line not ended]"))
     rc = p.wait()
     wall = time.monotonic() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from robustsweep.pipeline import run
 from robustsweep.steps.evaluate import EVALUATORS, evaluators
+from robustsweep.tracking.store import exact_metrics, shown
 
 evaluators()  # discover the declared evaluators
 # The metrics the README lists for every cell, and the sanity evaluator's declared ones.
@@ -35,8 +36,12 @@ def test_run_logs_one_mlflow_run_with_metrics_params_artifacts(make_cfg, tmp_pat
     assert len(runs) == 1
     r = runs[0]
     assert r.info.status == "FINISHED"
-    for name in METRIC_NAMES:
-        assert r.data.metrics[name] == pytest.approx(metrics[name], nan_ok=True)
+    exact = exact_metrics(r)
+    for name in METRIC_NAMES:  # exact in the store, 4 significant digits where the UI shows them
+        assert exact[name] == pytest.approx(metrics[name], rel=1e-12, nan_ok=True)
+        assert r.data.metrics[name] == pytest.approx(shown(metrics[name]), rel=1e-12, nan_ok=True)
+    assert r.data.metrics["clean_acc"] == float(f"{metrics['clean_acc']:.4g}")
+    assert r.data.metrics["n_correct"] == metrics["n_correct"]  # counts stay whole
     assert r.data.params["epsilon"] == str(8 / 255)  # stored as the parsed float
     assert r.data.params["prune.method"] == "l1_unstructured"
     assert r.data.params["attack.name"] == "fgsm"

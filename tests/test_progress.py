@@ -76,3 +76,19 @@ def test_relay_logs_each_new_matching_line_of_the_job_logs_once(tmp_path, caplog
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert lines == [("INFO", "job 0: cell a: run 1 FINISHED in 2 s"),
                      ("WARNING", "job 1: configuration error: x")], lines
+
+
+def test_relay_says_what_the_workers_do_when_no_cell_finishes_for_a_while(tmp_path, caplog):
+    """Workers training a baseline for minutes: a status line with the newest line of their logs
+    every ``quiet_s``, not silence until the first cell finishes."""
+    caplog.set_level(logging.INFO, logger="robustsweep.progress")
+    (tmp_path / "3").mkdir()
+    log3 = tmp_path / "3" / "robustsweep.log"
+    with relay(tmp_path, "*/robustsweep.log", (" FINISHED in ",), prefix="job ", every_s=0.05, quiet_s=0.2):
+        time.sleep(0.3)  # nothing written yet
+        log3.write_text("[t][robustsweep.steps.train][INFO] - baseline small_cnn epoch 4/30: loss 0.43\n")
+        time.sleep(0.3)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("no line from the workers yet" in m for m in said), said
+    assert any(m.endswith("newest line: job 3: baseline small_cnn epoch 4/30: loss 0.43") for m in said), said
+    assert not any("FINISHED" in m for m in said)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ from collections import namedtuple
 import pytest
 from mlflow.tracking import MlflowClient
 
-from robustsweep.config import ConfigError
+from robustsweep.config import ConfigError, validate
 from robustsweep.tracking import store as tracking
 from robustsweep.tracking.sweep import CELL_TAG, ROLE_TAG
 from tests import forked_cli
@@ -187,3 +188,33 @@ def test_unwritable_output_dir_is_a_clear_error_at_start(tmp_path, mode):
     assert p.returncode != 0
     assert "paths.output_dir: cannot write to" in out and "Traceback" not in out, out[-3000:]
     assert not (tmp_path / "store" / "mlflow.db").exists()
+
+
+def test_metrics_shown_rounded_kept_exact_across_chunked_tags(tmp_path):
+    """The UI gets 4 significant digits; the store keeps the exact values (split over several tags
+    past MLflow's 8000 characters) and ``exact_metrics`` gives them back bit for bit."""
+    assert tracking.shown(0.9166666666666666) == 0.9167 and tracking.shown(12345.0) == 12345.0
+    assert tracking.shown(1 / 3 * 1e-5) == 3.333e-6 and math.isnan(tracking.shown(math.nan))
+    metrics = {f"certified_acc_at_{i / 100:.2f}": i / 7 for i in range(400)}  # ~13000 chars of JSON
+    metrics |= {"n_correct": 94.0, "asr": math.nan}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    shown, exact = tracking.metric_batch(metrics, 0)
+    assert len(exact) >= 2 and all(len(t.value) <= 8000 for t in exact)
+    client.log_batch(run_id, metrics=shown, tags=exact)
+    r = client.get_run(run_id)
+    assert r.data.metrics["certified_acc_at_0.01"] == 0.1429 and r.data.metrics["n_correct"] == 94
+    back = tracking.exact_metrics(r)
+    assert math.isnan(back.pop("asr")) and back == {k: v for k, v in metrics.items() if k != "asr"}
+
+
+@pytest.mark.parametrize(("over", "name"), [
+    (["epsilon=8/255"], "s0.25 fgsm 8/255 | l1_unstructured small_cnn"),
+    (["epsilon=0.05"], "s0.25 fgsm 0.05 | l1_unstructured small_cnn"),  # digits' budgets stay decimal
+    (["epsilon=0.2"], "s0.25 fgsm 0.2 | l1_unstructured small_cnn"),  # = 51/255, but typed as 0.2
+    (["epsilon=0.0123456"], "s0.25 fgsm 0.0123 | l1_unstructured small_cnn"),
+    (["attack=pgd", "attack.norm=l2", "epsilon=0.5", "attack.step_size=0.1"],
+     "s0.25 pgd L2 0.5 | l1_unstructured small_cnn"),
+])
+def test_run_names_lead_with_what_differs(make_cfg, over, name):
+    assert tracking.run_name(validate(make_cfg("sparsity=0.25", *over))) == name

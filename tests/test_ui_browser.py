@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from robustsweep.tracking.store import exact_metrics
 from tests.test_cli import cli
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,8 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
     from playwright.sync_api import expect, sync_playwright
 
     url, client, exp = server
+    # opened in MLflow 3's "Model training" view, not the GenAI one
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp])
     parent = next(r for r in runs if r.data.tags.get("robustsweep.role") == "sweep")
     child = next(r for r in runs if r.data.tags.get("robustsweep.role") == "cell")
@@ -86,7 +89,8 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         expect.set_options(timeout=60_000)
 
         # the experiment's runs: one parent row; expanding it shows the twelve children
-        page.goto(f"{url}/#/experiments/{exp}/runs")
+        # the "Model training" side of MLflow 3's UI (GenAI is its default): the README's link says so
+        page.goto(f"{url}/#/experiments/{exp}/runs?workflowType=machine_learning")
         expect(page.get_by_text("robustsweep").first).to_be_visible()
         assistant = page.get_by_role("button", name="Close")
         if assistant.count():  # MLflow 3's assistant side panel hides half the table
@@ -106,6 +110,13 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         page.get_by_text("asr", exact=True).first.click()
         page.keyboard.press("Escape")
         expect(page.locator("[role=columnheader]").filter(has_text=re.compile(r"^asr$"))).to_be_visible()
+        # 4 significant digits on screen, not the exact value's 16 (which the tag keeps)
+        fractional = [r for r in cells if exact_metrics(r)["asr"] not in (0.0, 1.0)
+                      and repr(exact_metrics(r)["asr"]) != repr(r.data.metrics["asr"])]
+        assert fractional, "no cell with an ASR that needs rounding"
+        for r in fractional:
+            expect(page.get_by_text(repr(r.data.metrics["asr"]), exact=True).first).to_be_visible()
+            expect(page.get_by_text(repr(exact_metrics(r)["asr"]))).to_have_count(0)
         page.screenshot(path=str(shots / "runs.png"))
 
         def show_artifact(run_id: str, folder: str, name: str, shot: str) -> None:
@@ -125,5 +136,8 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         page.get_by_text("curves.png").first.click()
         expect(page.get_by_role("img", name="summary/curves.png")).to_be_visible()
         page.screenshot(path=str(shots / "summary_curves.png"))
+        page.get_by_text("pareto.png").first.click()  # robust accuracy against latency and size
+        expect(page.get_by_role("img", name="summary/pareto.png")).to_be_visible()
+        page.screenshot(path=str(shots / "summary_pareto.png"))
         browser.close()
     assert (shots / "runs.png").stat().st_size > 10_000

@@ -73,7 +73,7 @@ class ValidatingSweeper(BasicSweeper):
         from robustsweep.core import process
         from robustsweep.core.device import PARALLEL_ENV, parallel_jobs
         from robustsweep.core.paths import redact_url
-        from robustsweep.core.progress import relay
+        from robustsweep.core.progress import heartbeat, relay
         from robustsweep.tracking import store
         from robustsweep.tracking import sweep as sw
         from robustsweep.tracking.cellrun import LAUNCHER_ENV
@@ -84,7 +84,11 @@ class ValidatingSweeper(BasicSweeper):
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         if not jobs:
             raise InvalidSweepError("the sweep has no jobs")
-        cfgs = self._compose_and_validate(jobs)
+        # the first line a user sees: checking imports torch and every step (~5-10 s on a CPU)
+        log.info("checking the %d cell%s of the sweep before anything runs", len(jobs),
+                 "" if len(jobs) == 1 else "s")
+        with heartbeat("checking the sweep's cells"):
+            cfgs = self._compose_and_validate(jobs)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,13 @@ def parse_epsilon(value: float | int | str, norm: str = "linf") -> float:
 
 
 def eps_label(eps: float, norm: str = "linf") -> str:
-    """How eps is written in names and plots: ``8/255`` (L-inf), ``L2 0.5``."""
-    return f"L2 {eps:.3g}" if norm == "l2" else f"{eps * 255:.3g}/255"
+    """How eps is written in names and plots: ``8/255`` (L-inf, a whole number of 255ths that is not
+    a short decimal), ``0.05`` and ``0.2`` (L-inf as typed: 0.2 is 51/255 but nobody wrote it so),
+    ``L2 0.5``."""
+    if norm == "l2":
+        return f"L2 {eps:.3g}"
+    k = eps * 255
+    return f"{round(k)}/255" if float(f"{eps:.3g}") != eps and abs(k - round(k)) < 1e-6 else f"{eps:.3g}"
 
 
 def check(cond: bool, key: str, value: Any, allowed: str) -> None:

@@ -62,15 +62,24 @@ def heartbeat(desc: str, every_s: float | None = None) -> Iterator[None]:
 
 @contextmanager
 def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "",
-          every_s: float = 2.0) -> Iterator[None]:
+          every_s: float = 2.0, quiet_s: float | None = EVERY_S) -> Iterator[None]:
     """While the block runs, log each new line holding one of ``contains`` from the files
     ``folder.glob(pattern)`` (the job logs of a sweep's worker processes, which write to their own
     files, not to this terminal), prefixed with the file's folder name (a Hydra job's number); once
-    more at the end, so that no line is missed. Lines logged there at ERROR are relayed as warnings."""
+    more at the end, so that no line is missed. Lines logged there at ERROR are relayed as warnings.
+    After ``quiet_s`` seconds without such a line, one status line: how many job logs there are and
+    the newest line any of them wrote (a worker training a baseline for minutes is not silence)."""
     offsets: dict[Path, int] = {}
+    t0 = time.monotonic()
+    state: dict[str, Any] = {"said": t0, "newest": None}
+
+    def say(level: int, msg: str, *args: Any) -> None:
+        log.log(level, msg, *args)
+        state["said"] = time.monotonic()
 
     def scan() -> None:
-        for path in sorted(folder.glob(pattern)):
+        paths = sorted(folder.glob(pattern))
+        for path in paths:
             try:
                 with open(path, "rb") as f:
                     f.seek(offsets.get(path, 0))
@@ -80,9 +89,22 @@ def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "
             end = chunk.rfind(b"\n") + 1  # whole lines only: a job may be writing the rest
             offsets[path] = offsets.get(path, 0) + end
             for line in chunk[:end].decode(errors="replace").splitlines():
+                text = line.split("] - ", 1)[-1].strip()
                 if any(c in line for c in contains):
-                    level = logging.WARNING if "[ERROR]" in line else logging.INFO
-                    log.log(level, "%s%s: %s", prefix, path.parent.name, line.split("] - ", 1)[-1].strip())
+                    say(logging.WARNING if "[ERROR]" in line else logging.INFO, "%s%s: %s", prefix,
+                        path.parent.name, text)
+                elif text:
+                    state["newest"] = (path.parent.name, text)
+        # scans come every every_s: "at least quiet_s - every_s" keeps the silence within quiet_s
+        if quiet_s is not None and time.monotonic() - state["said"] >= quiet_s - every_s:
+            newest = state["newest"]
+            if newest:
+                say(logging.INFO, "%d job log%s, %.0f s in; newest line: %s%s: %s", len(paths),
+                    "" if len(paths) == 1 else "s", time.monotonic() - t0, prefix, *newest)
+            else:
+                say(logging.INFO, "%d job log%s, %.0f s in; no line from the workers yet", len(paths),
+                    "" if len(paths) == 1 else "s", time.monotonic() - t0)
+            state["newest"] = None
 
     try:
         with _periodically(scan, every_s, "relay"):

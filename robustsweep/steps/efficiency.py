@@ -37,6 +37,7 @@ from torch import nn
 
 from robustsweep.core.device import cpu_cores
 from robustsweep.core.guards import state_tensors
+from robustsweep.core.progress import heartbeat
 from robustsweep.steps.attacks import modes_kept
 from robustsweep.steps.quantize import twin_mode
 
@@ -138,7 +139,8 @@ def measure(model: nn.Module, image_shape: tuple[int, ...], device: torch.device
     size, zipped = size_bytes(model)
     # each module's own mode back afterwards: model.train(was_training) would give all of them
     # the root's (a model fine-tuned with BatchNorm held in eval came back with it in train mode)
-    with modes_kept(model):
+    # timing ~2x(3 warm-up + >= 10 repeats, >= 0.2 s) passes: seconds, longer for a big model on a CPU
+    with modes_kept(model), heartbeat("efficiency (params, FLOPs, latency)"):
         model.eval()
         gen = torch.Generator().manual_seed(0)
         x = {b: torch.rand((b, *image_shape), generator=gen).to(device) for b in LATENCY_BATCHES}

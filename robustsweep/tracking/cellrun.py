@@ -49,15 +49,16 @@ class Cell:
     def log(self, metrics: dict[str, float], tags: dict[str, str]) -> None:
         """One batched call for metrics + tags, one for the artifact folder; ``mlflow_s`` last."""
         import mlflow
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        shown, exact = store.metric_batch(metrics, now)  # the UI's 4 digits; exact values in a tag
+        self.client.log_batch(self.run_id, metrics=shown,
+                              tags=[*(RunTag(k, v) for k, v in tags.items()), *exact])
         mlflow.log_artifacts(str(self.stage))
         self.mlflow_s += time.perf_counter() - t0
-        self.client.log_metric(self.run_id, "mlflow_s", self.mlflow_s, now)
+        self.client.log_metric(self.run_id, "mlflow_s", store.shown(self.mlflow_s), now)
         self.metrics = {**metrics, "mlflow_s": self.mlflow_s}
 
 
@@ -146,7 +147,7 @@ def _stored(client: Any, experiment_id: str, run_id: str, tags: dict[str, str], 
     prev = client.get_run(run_id)
     if "optuna.trial_number" in tags and prev.data.tags.get("mlflow.parentRunId") != parent:
         _reuse_as_child(client, experiment_id, prev, tags, cfg)
-    return Cell(stored=dict(prev.data.metrics))
+    return Cell(stored=store.exact_metrics(prev))
 
 
 def _acquire(claim: claims.Claim, client: Any, experiment_id: str, cfg: DictConfig, resume: bool) -> str | None:
@@ -284,12 +285,8 @@ def _reuse_as_child(client: Any, experiment_id: str, prev: Any, tags: dict[str, 
                     cfg: DictConfig) -> None:
     """A study trial whose cell another sweep already computed: a FINISHED child run under the
     study's parent with the stored metrics and a pointer to the original."""
-    from mlflow.entities import Metric
-
     run = client.create_run(experiment_id, run_name=store.run_name(cfg),
                             tags={**tags, "robustsweep.reused_from": prev.info.run_id})
-    now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id,
-                     metrics=[Metric(k, v, now, 0) for k, v in prev.data.metrics.items()],
-                     params=store.param_entities(cfg))
+    shown, exact = store.metric_batch(store.exact_metrics(prev), int(time.time() * 1000))
+    client.log_batch(run.info.run_id, metrics=shown, params=store.param_entities(cfg), tags=exact)
     client.set_terminated(run.info.run_id, "FINISHED")

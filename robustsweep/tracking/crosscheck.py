@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from robustsweep.tracking.identity import NOT_RESULTS
+from robustsweep.tracking.store import exact_metrics
 from robustsweep.tracking.sweep import SUSPECT_TAG, finished_children
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def eps_monotonicity(runs: Iterable[Any], tol: float) -> dict[str, str]:
     result_free = (*(f"{k}." for k in NOT_RESULTS if k != "perf"), "perf.reuse", "perf.cudnn")
     groups: dict[tuple, list[tuple[float, float, str]]] = {}
     for r in runs:
-        p, m = r.data.params, r.data.metrics
+        p, m = r.data.params, exact_metrics(r)
         if "epsilon" not in p or "asr" not in m or math.isnan(m["asr"]):
             continue
         key = tuple(sorted((k, v) for k, v in p.items() if k != "epsilon" and not k.startswith(result_free)))

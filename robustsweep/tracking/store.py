@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from robustsweep.core.errors import ConfigError
+from robustsweep.core.params import eps_label
 from robustsweep.core.paths import redact_url, resolve_path
 
 log = logging.getLogger(__name__)
@@ -243,6 +246,11 @@ def _check_experiment_artifacts(cfg: DictConfig, uri: str) -> None:
     _LOCATIONS.add((uri, name))
 
 
+# The MLflow 3 UI opens an experiment of this kind in its "Model training" runs view, not the GenAI
+# one (traces, an assistant panel) it otherwise shows first.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def setup(cfg: DictConfig) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
     import mlflow
@@ -256,12 +264,15 @@ def setup(cfg: DictConfig) -> str:
     c = Client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if KIND_TAG not in exp.tags:  # made before robustsweep set it (or by hand): a kind the user chose stays
+            c.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     artifact_location = None
     if not from_env and cfg.tracking.get("artifact_dir"):
         artifact_location = resolve_path(cfg.tracking.artifact_dir).resolve().as_uri()
     try:
-        return c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+        return c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location,
+                                   tags={KIND_TAG: TRAINING_KIND})
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         return c.get_experiment_by_name(cfg.tracking.experiment).experiment_id
 
@@ -334,6 +345,48 @@ def param_entities(cfg: DictConfig) -> list[Any]:
     return [Param(k, v[:6000]) for k, v in params_of(cfg).items()]
 
 
+# Metrics as the MLflow UI shows them: 4 significant digits (0.9167, not 0.9166666666666666), integers
+# (counts) whole. Digits past the 4th are noise next to any interval here (a bootstrap over <= 10^4
+# images), but they are still kept: the exact values travel with the run as JSON in the tag
+# EXACT_TAG (split into EXACT_TAG, EXACT_TAG.1, ... at MLflow's 8000-character tag limit), and every
+# reader that computes (summary, cells.csv, resume, report, checks) reads ``exact_metrics(run)``.
+SHOWN_DIGITS = 4
+EXACT_TAG = "robustsweep.metrics_exact"
+_TAG_CHARS = 8000
+
+
+def shown(v: float) -> float:
+    """``v`` as the UI shows it: 4 significant digits; whole numbers, nan and inf unchanged."""
+    v = float(v)
+    if not math.isfinite(v) or v == int(v):
+        return v
+    return float(f"{v:.{SHOWN_DIGITS}g}")
+
+
+def metric_batch(metrics: dict[str, float], step_ms: int) -> tuple[list[Any], list[Any]]:
+    """``metrics`` for one ``log_batch``: the shown (rounded) ``Metric``s and the tags that keep the
+    exact values."""
+    from mlflow.entities import Metric, RunTag
+
+    exact = json.dumps({k: float(v) for k, v in metrics.items()}, separators=(",", ":"))
+    chunks = [exact[i:i + _TAG_CHARS] for i in range(0, len(exact), _TAG_CHARS)]
+    return ([Metric(k, shown(v), step_ms, 0) for k, v in metrics.items()],
+            [RunTag(EXACT_TAG if i == 0 else f"{EXACT_TAG}.{i}", c) for i, c in enumerate(chunks)])
+
+
+def exact_metrics(run: Any) -> dict[str, float]:
+    """A run's metrics at full precision: the exact values its tags keep over the shown ones (a run
+    logged before the tag existed, or a metric logged on its own, has only its stored value)."""
+    tags, metrics = run.data.tags, dict(run.data.metrics)
+    if EXACT_TAG in tags:
+        parts, i = [tags[EXACT_TAG]], 1
+        while f"{EXACT_TAG}.{i}" in tags:
+            parts.append(tags[f"{EXACT_TAG}.{i}"])
+            i += 1
+        metrics.update(json.loads("".join(parts)))
+    return metrics
+
+
 def component(node: DictConfig, key: str = "name") -> str:
     """A group node's short name for people: the last part of its ``_target_`` (which wins over a
     name, as in the registries), else its name."""
@@ -346,8 +399,7 @@ def run_name(cfg: DictConfig) -> str:
     and budget, then the compression and the model, e.g. ``s0.50 fgsm 8/255 | l1_unstructured
     small_cnn``; a quantized or fine-tuned cell names that too. A label for people, not an identity
     (cells are identified by ``robustsweep.cell``)."""
-    norm = str(cfg.attack.get("norm") or "linf")
-    eps = f"{cfg.epsilon * 255:.3g}/255" if norm == "linf" else f"{norm} {cfg.epsilon:.3g}"
+    eps = eps_label(float(cfg.epsilon), str(cfg.attack.get("norm") or "linf"))
     extra = [f"{group}={component(cfg[group])}" for group in ("quantize", "defend")
              if isinstance(cfg.get(group), DictConfig) and component(cfg[group]) not in ("none", "None")]
     return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", prune_label(cfg),

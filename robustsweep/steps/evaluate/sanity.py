@@ -27,6 +27,7 @@ from torch import nn
 
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check, nonnegative_int, number_in
+from robustsweep.core.progress import heartbeat
 from robustsweep.steps.attacks import attack_kwargs, attack_norm, build_attack
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
@@ -180,7 +181,8 @@ def run(ctx: EvalContext) -> Outcome:
             ctx.memo.put("sanity", v := compute(), *key)
         return v
 
-    with frozen(ctx.model):
+    # five small attacks on up to checks.n_probe images: seconds, a minute for AutoAttack's stand-ins
+    with frozen(ctx.model), heartbeat(f"sanity probes ({len(idx)} images)"):
         sanity = sanity_probe(
             ctx.fast, lambda e, o: build_attack(ctx.fast, e, cfg.attack, n_classes=len(ds.classes),
                                                 seed=cfg.seed, **o),
