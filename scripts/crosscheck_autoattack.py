@@ -4,6 +4,7 @@
     python scripts/crosscheck_autoattack.py --small                     # digits + small CNN, 200 images
     python scripts/crosscheck_autoattack.py --data-root ../shared/data/cifar10-jpg --n-eval 100 \
         --override train.epochs=4                                       # ResNet-20, 100 CIFAR images
+    python scripts/crosscheck_autoattack.py ... --eps 2/255             # where some images survive
 
 Claim checked: robustsweep's ``attack=autoattack`` (the standard version at the reference's 100
 iterations: APGD-CE, APGD-T and FAB-T with 9 targets, Square at 5000 queries, from torchattacks'
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 from robustsweep.config import compose, validate
 from robustsweep.core.device import resolve_device
 from robustsweep.core.guards import frozen
+from robustsweep.core.params import parse_epsilon
 from robustsweep.core.paths import resolve_path
 from robustsweep.steps.attacks import build_attack, evaluate, predict
 from robustsweep.steps.data import load_dataset, to_float
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="digits + small CNN")
     ap.add_argument("--data-root", default="../shared/data/cifar10-jpg")
     ap.add_argument("--n-eval", type=int, default=200)
-    ap.add_argument("--eps", default="")
+    ap.add_argument("--eps", default="", help="e.g. 2/255 or 0.1 (default: 8/255 on CIFAR, 0.1 on digits)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--override", action="append", default=[], help="more config overrides (repeatable)")
     ap.add_argument("--out", default="outputs/bench/crosscheck_autoattack.json")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     base = (["data=digits", "model=small_cnn", "train=digits"] if args.small else
             ["experiment=cifar_small", "data=imagefolder", f"data.root={Path(args.data_root).resolve()}"])
     cfg = validate(compose([*base, f"data.n_eval={args.n_eval}", "device=cpu", *args.override]))
-    eps = float(args.eps) if args.eps else (0.1 if args.small else 8 / 255)
+    eps = parse_epsilon(args.eps) if args.eps else (0.1 if args.small else 8 / 255)
     ds = load_dataset(cfg.data, device)
     model, info = get_baseline(cfg, ds, device, resolve_path(cfg.paths.output_dir) / "cache" / "baselines")
     model.eval()
