@@ -363,14 +363,14 @@ def shown(v: float) -> float:
     return float(f"{v:.{SHOWN_DIGITS}g}")
 
 
-def metric_batch(metrics: dict[str, float], step_ms: int) -> tuple[list[Any], list[Any]]:
+def metric_batch(metrics: dict[str, float], timestamp_ms: int) -> tuple[list[Any], list[Any]]:
     """``metrics`` for one ``log_batch``: the shown (rounded) ``Metric``s and the tags that keep the
     exact values."""
     from mlflow.entities import Metric, RunTag
 
     exact = json.dumps({k: float(v) for k, v in metrics.items()}, separators=(",", ":"))
     chunks = [exact[i:i + _TAG_CHARS] for i in range(0, len(exact), _TAG_CHARS)]
-    return ([Metric(k, shown(v), step_ms, 0) for k, v in metrics.items()],
+    return ([Metric(k, shown(v), timestamp_ms, 0) for k, v in metrics.items()],
             [RunTag(EXACT_TAG if i == 0 else f"{EXACT_TAG}.{i}", c) for i, c in enumerate(chunks)])
 
 
