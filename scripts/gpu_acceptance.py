@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -353,8 +354,9 @@ def rehearse(keep: Path | None, budget: float = 900.0) -> int:
     log.info("rehearsal in %.0f s: steps %s, %s cells, pack %s MiB (wheels %s + data %s)",
              time.perf_counter() - t0, {k: v["wall_s"] for k, v in result["steps"].items()}, n,
              result["pack"]["travels_mib"], result["pack"]["wheels_mib"], result["pack"]["data_mib"])
-    if bad or n != 24 or missing:
-        log.error("rehearsal failed: steps %s, %s cells (expected 24), missing %s", bad, n, missing)
+    expected = math.prod(len(o.split("=", 1)[1].split(",")) for o in TOY_GRID)
+    if bad or n != expected or missing:
+        log.error("rehearsal failed: steps %s, %s cells (expected %d), missing %s", bad, n, expected, missing)
         return 1
     if keep is None:
         shutil.rmtree(tmp, ignore_errors=True)
