@@ -93,7 +93,7 @@ def test_eps_monotonicity_flags_only_the_falling_cell():
         p = {"epsilon": str(eps), "sparsity": "0.5", "attack.name": "fgsm",
              "paths.output_dir": rid, **params}  # paths differ per run: not part of the identity
         return SimpleNamespace(info=SimpleNamespace(run_id=rid),
-                               data=SimpleNamespace(params=p, metrics={"asr": asr}))
+                               data=SimpleNamespace(params=p, metrics={"asr": asr}, tags={}))
     runs = [run("a", 0.01, 0.2), run("b", 0.03, 0.5), run("c", 0.05, 0.3), run("d", 0.1, 0.49),
             run("e", 0.2, 0.9),
             run("f", 0.01, 0.9, sparsity="0.9"), run("g", 0.05, 0.1, **{"attack.name": "pgd"})]

@@ -19,6 +19,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from robustsweep.search import INTERRUPTED_ATTR
+from robustsweep.tracking.store import exact_metrics
 from robustsweep.tracking.sweep import ROLE_TAG
 from tests.forked_cli import run_many
 from tests.test_cli import REPO, cli
@@ -78,7 +79,7 @@ def test_cliff_search_is_a_study_with_a_parent_run_and_trial_children(searched):
     for t in trials[1:]:
         if max(t.user_attrs["constraints"]) > 0:
             (child,) = [c for c in children if int(c.data.tags["optuna.trial_number"]) == t.number]
-            cm = child.data.metrics
+            cm = exact_metrics(child)  # the values the decision used, not the UI's 4 digits
             assert cm["delta_asr_common_lo"] > 0.10 or cm["delta_clean_acc_hi"] < -0.05 or cm["collapsed"]
     # so the bracket needs no bootstrap of its own (that resampled the point rule)
     assert "bootstrap" not in result and "cliff_low_ci_lo" not in m
