@@ -120,7 +120,7 @@ def test_ui_shows_sweep_children_metric_and_ig_figure(server):
         page.screenshot(path=str(shots / "runs.png"))
 
         def show_artifact(run_id: str, folder: str, name: str, shot: str) -> None:
-            page.goto(f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts")
+            page.goto(f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts?workflowType=machine_learning")
             page.get_by_text(folder, exact=True).first.click()
             page.get_by_text(name).first.click()
             img = page.get_by_role("img", name=f"{folder}/{name}")
