@@ -70,14 +70,16 @@ def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "
     After ``quiet_s`` seconds without such a line, one status line: how many job logs there are and
     the newest line any of them wrote (a worker training a baseline for minutes is not silence)."""
     offsets: dict[Path, int] = {}
-    t0 = time.monotonic()
-    state: dict[str, Any] = {"said": t0, "newest": None}
+    t0 = said = time.monotonic()
+    newest: tuple[str, str] | None = None  # (job, text) of the newest unrelayed line since the last status
 
     def say(level: int, msg: str, *args: Any) -> None:
+        nonlocal said
         log.log(level, msg, *args)
-        state["said"] = time.monotonic()
+        said = time.monotonic()
 
     def scan() -> None:
+        nonlocal newest
         paths = sorted(folder.glob(pattern))
         for path in paths:
             try:
@@ -94,17 +96,14 @@ def relay(folder: Path, pattern: str, contains: tuple[str, ...], prefix: str = "
                     say(logging.WARNING if "[ERROR]" in line else logging.INFO, "%s%s: %s", prefix,
                         path.parent.name, text)
                 elif text:
-                    state["newest"] = (path.parent.name, text)
+                    newest = (path.parent.name, text)
         # scans come every every_s: "at least quiet_s - every_s" keeps the silence within quiet_s
-        if quiet_s is not None and time.monotonic() - state["said"] >= quiet_s - every_s:
-            newest = state["newest"]
-            if newest:
-                say(logging.INFO, "%d job log%s, %.0f s in; newest line: %s%s: %s", len(paths),
-                    "" if len(paths) == 1 else "s", time.monotonic() - t0, prefix, *newest)
-            else:
-                say(logging.INFO, "%d job log%s, %.0f s in; no line from the workers yet", len(paths),
-                    "" if len(paths) == 1 else "s", time.monotonic() - t0)
-            state["newest"] = None
+        if quiet_s is not None and time.monotonic() - said >= quiet_s - every_s:
+            what = (f"newest line: {prefix}{newest[0]}: {newest[1]}" if newest
+                    else "no line from the workers yet")
+            say(logging.INFO, "%d job log%s, %.0f s in; %s", len(paths), "" if len(paths) == 1 else "s",
+                time.monotonic() - t0, what)
+            newest = None
 
     try:
         with _periodically(scan, every_s, "relay"):
