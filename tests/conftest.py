@@ -26,6 +26,9 @@ from torch import nn
 
 from robustsweep.config import compose
 from robustsweep.core.guards import state_tensors
+from tests import fast_store
+
+fast_store.install()  # a new SQLite store: a copy of one migrated store, not ~2 s of migrations
 
 # Under pytest-xdist (``-n 2`` on CI's 2 cores) each worker gets one core: torch's intra-op threads
 # in this process, and OMP_NUM_THREADS for every CLI subprocess a test starts. Two workers with two

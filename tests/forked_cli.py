@@ -9,7 +9,8 @@ thread pool exists to be lost across ``fork``), and runs each command in a forke
 that directory and ``PYTHONPATH``, its own stdout/stderr, and the child's exit status is the
 command's (``SystemExit`` handled as the interpreter does: ``None`` -> 0, an int -> itself, a
 message -> printed to stderr, 1; atexit handlers run). Each command starts from the modules'
-import-time state, as a fresh process would; only the imports are shared.
+import-time state, as a fresh process would; only the imports are shared, and a new SQLite store is a
+copy of one the server migrated (tests/fast_store.py).
 
 Commands a test must signal or watch while they run (SIGKILL, SIGINT, their worker processes) are
 started with ``subprocess`` as before; so is every joblib or submitit worker a command starts.
@@ -36,7 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 # What a command imports, less the modules ``runpy`` will execute as ``__main__`` (one already in
 # sys.modules would be executed a second time, with a RuntimeWarning on stderr).
-PRELOAD = ("hydra", "robustsweep.pipeline", "robustsweep.tracking.store", "mlflow", "captum.attr")
+# torch._dynamo: every cell counts its model's FLOPs under a TorchDispatchMode, whose first use imports
+# it (1.5 s per process, measured 2026-12-07).
+PRELOAD = ("hydra", "robustsweep.pipeline", "robustsweep.tracking.store", "mlflow", "captum.attr", "torch._dynamo")
 
 
 class _Server:
@@ -154,6 +157,10 @@ def main() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    from tests import fast_store
+
+    fast_store.install()  # a fresh store is a copy of one migrated here, before any fork
+    fast_store.template()
     reply = os.fdopen(os.dup(1), "w", buffering=1)  # requests' answers; fd 1 itself goes to each child
     for line in sys.stdin:
         job = json.loads(line)

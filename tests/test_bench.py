@@ -27,7 +27,7 @@ def test_small_benchmark_runs_and_writes_valid_json(tmp_path):
         assert finite(r["engine"][path]["ratio"]) and finite(r["engine"][path]["img_s"]), path
     assert r["engine"]["fgsm, reused direction+clean"]["n_grad"] == 0  # the reuse really happened
     s = r["sweep"]
-    assert s["ours"]["n_cells"] == s["plain"]["n_cells"] == 8 and finite(s["speedup"])
+    assert s["ours"]["n_cells"] == s["plain"]["n_cells"] == 4 and finite(s["speedup"])
     assert finite(s["ours"]["peak_rss_mb"]) and finite(s["plain"]["wall_s"])
     assert math.isfinite(r["overhead"]["per_job_s"]) and len(r["overhead"]["wall_s"]) == 2
     for k in ("n_eval", "cells"):
