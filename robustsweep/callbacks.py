@@ -93,6 +93,11 @@ class SweepSummaryCallback(Callback):
         n = info["n_cells"]
         log.info("sweep done: %d cell%s, %d skipped (already FINISHED), %d ran, %d failed",
                  n, "" if n == 1 else "s", info["skipped"], info["ran"], len(failures))
+        if info.get("wall_s") is not None and info.get("estimate_s"):
+            from robustsweep.core.cost import duration, span
+
+            log.info("the cells took %s (estimated before the sweep: %s)", duration(info["wall_s"]),
+                     span(*info["estimate_s"]))
         if failures or problems:
             lines = "\n".join([*(f"  [{' '.join(f['overrides'])}]: {f['error']}" for f in failures),
                                *(f"  {p}" for p in problems)])

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 # sys.modules would be executed a second time, with a RuntimeWarning on stderr).
 # torch._dynamo: every cell counts its model's FLOPs under a TorchDispatchMode, whose first use imports
 # it (1.5 s per process, measured 2026-12-07).
-PRELOAD = ("hydra", "robustsweep.pipeline", "robustsweep.tracking.store", "mlflow", "captum.attr", "torch._dynamo")
+PRELOAD = ("hydra", "robustsweep.pipeline", "robustsweep.tracking.store", "mlflow", "captum.attr",
+           "torch._dynamo")
 
 
 class _Server:

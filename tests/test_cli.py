@@ -34,6 +34,10 @@ def test_two_job_multirun_writes_two_mlflow_runs(tmp_path):
     """From a cold start, as a user types it (the other command-line tests share the imports)."""
     p = cli(tmp_path, "-m", "sparsity=0,0.5", "epsilon=8/255", *FAST, cold=True)
     assert p.returncode == 0, p.stderr[-3000:]
+    # before anything runs, what it will cost here; at the end, what it took (issue 32)
+    log = p.stdout + p.stderr
+    assert "estimate for the 2 cells to run on cpu" in log and "baselines: 1 to train" in log, log[-3000:]
+    assert "the cells took " in log and "(estimated before the sweep: ~" in log, log[-3000:]
     store = tmp_path / "outputs" / "mlflow.db"  # default store, relative to the launch dir
     assert store.exists()
     client = MlflowClient(f"sqlite:///{store}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -117,7 +118,11 @@ class ValidatingSweeper(BasicSweeper):
         os.environ[LAUNCHER_ENV] = process.identity()
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
-        if isinstance(self.launcher, BasicLauncher):  # in-process: reuse the composed configs
+        in_process = isinstance(self.launcher, BasicLauncher)
+        estimate_s = (self._estimate([c for i, c in enumerate(cfgs) if i not in done], in_process)
+                      if todo else None)
+        t_start = time.monotonic()  # what the estimate is compared with: the cells, not the checks
+        if in_process:  # in-process: reuse the composed configs
             from hydra.types import HydraContext
 
             ctx = self.launcher.hydra_context
@@ -164,8 +169,30 @@ class ValidatingSweeper(BasicSweeper):
             raise
         (sweep_dir / "sweep_status.json").write_text(json.dumps(
             {"parent_run_id": parent, "n_cells": len(jobs), "skipped": skipped, "ran": len(todo),
-             "failures": failures}, indent=2))
+             "failures": failures, "wall_s": time.monotonic() - t_start, "estimate_s": estimate_s}, indent=2))
         return returns
+
+    def _estimate(self, cfgs: list[DictConfig], in_process: bool) -> list[float] | None:
+        """Log how long the cells will take here (robustsweep.estimate): [least, most] seconds, or
+        None when ``perf.estimate`` is off or the estimate failed (it never stops the sweep)."""
+        from robustsweep.core.device import parallel_jobs
+        from robustsweep.estimate import estimate
+
+        if not cfgs[0].perf.get("estimate", True):
+            return None
+        assert self.config is not None
+        launcher = self.config.hydra.launcher
+        at_once = 1 if in_process else parallel_jobs(launcher, len(cfgs))
+        # joblib's workers live for the whole sweep; submitit (local or SLURM) starts a process per job
+        starts = 0 if in_process else (at_once if "Joblib" in str(launcher.get("_target_", "")) else len(cfgs))
+        try:
+            est = estimate(cfgs, at_once, starts)
+        except Exception as e:  # an estimate must never cost the sweep
+            log.warning("no estimate of the sweep's time (%s: %s)", type(e).__name__, e)
+            return None
+        for line in est.lines():
+            log.info("%s", line)
+        return list(est.total)
 
     @staticmethod
     def _interrupted(e: BaseException, client: Any, experiment_id: str, parent: str, sweep_dir: Path,

@@ -62,6 +62,9 @@ class Registry(dict[str, F], Generic[F]):
         self.group, self.key = group, key
         Registry.BY_GROUP[group] = self
         self.checks: dict[str, Callable[[DictConfig, DictConfig], None]] = {}
+        # what a plug-in costs, from its node (robustsweep.core.cost: image passes; what the passes
+        # are per depends on the group: per attacked image, per training image)
+        self.works: dict[str, Callable[[DictConfig], Any]] = {}
         self._plugins = plugins  # modules registering more plug-ins, imported on first lookup
 
     def discover(self) -> None:
@@ -82,15 +85,25 @@ class Registry(dict[str, F], Generic[F]):
         self.discover()
         return super().__getitem__(name)
 
-    def register(self, name: str,
-                 check: Callable[[DictConfig, DictConfig], None] | None = None) -> Callable[[F], F]:
+    def register(self, name: str, check: Callable[[DictConfig, DictConfig], None] | None = None,
+                 work: Callable[[DictConfig], Any] | None = None) -> Callable[[F], F]:
         def deco(fn: F) -> F:
             self[name] = fn
             if check is not None:
                 self.checks[name] = check
+            if work is not None:
+                self.works[name] = work
             return fn
 
         return deco
+
+    def work(self, node: DictConfig) -> Any:
+        """The chosen plug-in's declared work for ``node``; None when it declares none (a
+        ``_target_`` plug-in, or one registered without ``work=``)."""
+        self.discover()
+        if node.get(TARGET) or (declare := self.works.get(node.get(self.key))) is None:
+            return None
+        return declare(node)
 
     def name_of(self, node: DictConfig) -> str:
         """The plug-in's name: ``node.<key>``, or its ``_target_`` path."""

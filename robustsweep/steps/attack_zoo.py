@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, number_in, positive_int, unlocked
 from robustsweep.steps.attacks import (
@@ -47,6 +48,7 @@ from robustsweep.steps.attacks import (
     build_attack,
     check_norm,
     pgd,
+    pgd_work,
     register_attack,
 )
 from robustsweep.steps.data import shape_hint
@@ -177,7 +179,23 @@ def _check_autoattack(node: DictConfig, cfg: DictConfig) -> None:
     _check_classes(cfg, "autoattack", "autoattack")
 
 
-@register_attack("autoattack", check=_check_autoattack)
+# Gradient passes of one FAB iteration: the Jacobian of two logits (FAB-T's target and the label).
+FAB_GRADS_PER_STEP = 2
+
+
+def _autoattack_work(node: DictConfig) -> cost.Work:
+    """Per attacked image: APGD-CE's ``steps`` on every image (it does not stop early), then on what
+    it leaves APGD-T and FAB-T (9 target classes each) and Square's 5000 queries (forward passes);
+    with the PGD prefilter, PGD first and AutoAttack only on what that leaves."""
+    steps, targets = int(node.get("steps", 100)), 9
+    aa = (cost.grad_range(steps).then(cost.grad_range(0, targets * steps))
+          .then(cost.grad_range(0, targets * steps * FAB_GRADS_PER_STEP)).then(cost.fwd_range(0, 5000)))
+    if node.get("prefilter", "none") == "none":
+        return aa
+    return pgd_work({"steps": node.get("prefilter_steps", 10), "early_stop": True}).then(aa)
+
+
+@register_attack("autoattack", check=_check_autoattack, work=_autoattack_work)
 def autoattack(model: nn.Module, eps: float, norm: str = "linf", version: str = "standard", steps: int = 100,
                n_classes: int | None = None, seed: int = 0, prefilter: str = "none", prefilter_steps: int = 10,
                **_: object) -> Ensemble:
@@ -204,7 +222,9 @@ def _check_apgd(node: DictConfig, cfg: DictConfig) -> None:
         _check_classes(cfg, "apgd attack.loss=dlr", "apgd-dlr")
 
 
-@register_attack("apgd", check=_check_apgd)
+@register_attack("apgd", check=_check_apgd,
+                 work=lambda node: cost.grad_range(int(node.get("steps", 100))
+                                                   * int(node.get("n_restarts", 1))))
 def apgd(model: nn.Module, eps: float, norm: str = "linf", loss: str = "ce", steps: int = 100,
          n_restarts: int = 1, seed: int = 0, **_: object) -> AttackFn:
     """APGD (CE or DLR loss), torchattacks.APGD."""
@@ -219,7 +239,9 @@ def _check_square(node: DictConfig, cfg: DictConfig) -> None:
     positive_int(cfg, "attack.n_restarts")
 
 
-@register_attack("square", check=_check_square)
+@register_attack("square", check=_check_square,  # one query per image at the least: broken at once
+                 work=lambda node: cost.fwd_range(1, int(node.get("n_queries", 5000))
+                                                  * int(node.get("n_restarts", 1))))
 def square(model: nn.Module, eps: float, norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1,
            seed: int = 0, **_: object) -> AttackFn:
     """Square Attack (black box), torchattacks.Square with the margin loss."""
@@ -236,7 +258,7 @@ def _check_cw(node: DictConfig, cfg: DictConfig) -> None:
     number_in(cfg, "attack.kappa", 0.0, math.inf, "a number >= 0")
 
 
-@register_attack("cw", check=_check_cw)
+@register_attack("cw", check=_check_cw, work=lambda node: cost.grad_range(int(node.get("steps", 100))))
 def cw(model: nn.Module, eps: float, norm: str = "l2", c: float = 10.0, kappa: float = 0.0, steps: int = 100,
        lr: float = 0.01, **_: object) -> InsideBall:
     """CW-L2 (torchattacks.CW), counted only inside the L2 ball (see the module docstring)."""
@@ -281,7 +303,18 @@ def _member_check(own: Callable[[DictConfig, DictConfig], None], member: DictCon
         raise ConfigError(str(e).replace("attack.", f"{key}.", 1)) from None
 
 
-@register_attack("ensemble", check=_check_ensemble)
+def _ensemble_work(node: DictConfig) -> cost.Work | None:
+    """Each member on what the ones before it left (None when a member declares no work)."""
+    total: cost.Work | None = None
+    for m in _members(node):
+        w = ATTACKS.work(m)
+        if w is None:
+            return None
+        total = w if total is None else total.then(w)
+    return total
+
+
+@register_attack("ensemble", check=_check_ensemble, work=_ensemble_work)
 def ensemble(model: nn.Module, eps: float, attacks: Sequence[Any] = (), norm: str = "linf",
              n_classes: int | None = None, seed: int = 0, **_: object) -> Ensemble:
     """The worst case per image over ``attacks`` (each a config node like ``attack`` itself)."""

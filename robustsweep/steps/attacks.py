@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.guards import attack_checked, check_unit_range, frozen
 from robustsweep.core.params import check, parse_epsilon, positive_int
 from robustsweep.core.progress import heartbeat, progress
@@ -70,7 +71,7 @@ def attack_norm(node: DictConfig | dict) -> str:
 STEP_KEYS = ("step_size", "alpha")  # step sizes may be written as fractions ("2/255")
 
 
-@register_attack("none")
+@register_attack("none", work=lambda node: cost.NONE)
 def no_attack(model: nn.Module, eps: float, **_: object) -> AttackFn:
     """The identity: robust_acc == clean_acc, asr == 0. A control cell."""
     return lambda x, y: x
@@ -202,7 +203,7 @@ class PGD:
         return adv.detach()
 
 
-@register_attack("fgsm")
+@register_attack("fgsm", work=lambda node: cost.grad_range(1))
 def fgsm(model: nn.Module, eps: float, **_: object) -> FGSM:
     """FGSM (see ``FGSM``)."""
     return FGSM(model, eps)
@@ -227,7 +228,14 @@ def _check_pgd(node: DictConfig, cfg: DictConfig) -> None:
               f"a step <= epsilon ({eps:.6g}); or null to scale with epsilon (2.5*eps/steps)")
 
 
-@register_attack("pgd", check=_check_pgd)
+def pgd_work(node: DictConfig) -> cost.Work:
+    """Per attacked image: ``steps`` gradient passes; with ``early_stop``, 1 for an image broken at
+    once."""
+    steps = int(node.get("steps", 10))
+    return cost.grad_range(1 if node.get("early_stop", False) else steps, steps)
+
+
+@register_attack("pgd", check=_check_pgd, work=pgd_work)
 def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
         random_start: bool = True, early_stop: bool = False, norm: str = "linf", **_: object) -> PGD:
     """PGD in L-inf or L2 (see ``PGD``).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +360,32 @@ def train_size(cfg: DictConfig) -> int | None:
     if cfg.get("name") == "imagefolder":
         return len(_list_split(resolve_path(cfg.root) / "train")[0])
     return None
+
+
+def test_size(cfg: DictConfig) -> int | None:
+    """Images in the test split of a data config, without decoding (None: not known before loading)."""
+    if cfg.get("_target_"):
+        return None
+    if cfg.get("name") == "digits":
+        return round(1797 * cfg.get("test_fraction", 0.2))
+    if cfg.get("name") == "cifar10":
+        return 10000
+    if cfg.get("name") == "imagefolder":
+        return len(_list_split(resolve_path(cfg.root) / "test")[0])
+    return None
+
+
+def decode_seconds(cfg: DictConfig, k: int = 64) -> float:
+    """Seconds per image to decode this data config's files (an image tree: ``k`` of its test
+    images timed); 0 for data that loads as arrays (digits, torchvision's CIFAR-10)."""
+    if cfg.get("_target_") or cfg.get("name") != "imagefolder":
+        return 0.0
+    files = _list_split(resolve_path(cfg.root) / "test")[0][:k]
+    if not files:
+        return 0.0
+    t0 = time.perf_counter()
+    _decode(files, int(cfg.size), int(cfg.channels), desc="timing the decoder")
+    return (time.perf_counter() - t0) / len(files)
 
 
 # ------------------------------------------------------------------------------------- facade

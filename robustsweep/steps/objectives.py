@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, number_in, parse_epsilon, positive_int, positive_number
 from robustsweep.steps.attacks import PGD, attack_norm
@@ -122,7 +123,7 @@ def _check_pgd_at(node: DictConfig, cfg: DictConfig) -> None:
     _check_eps(node, cfg, step_key="step_size")
 
 
-@register_objective("pgd_at", check=_check_pgd_at)
+@register_objective("pgd_at", check=_check_pgd_at, work=lambda node: cost.Work(train=1, grad=node.steps))
 def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
                 train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy at the PGD adversary (Madry et al.); logits are the adversarial ones."""
@@ -151,7 +152,7 @@ def _check_fast_at(node: DictConfig, cfg: DictConfig) -> None:
               "null (= 1.25 * eps, Wong et al.) or a step in (0, 2 * eps]")
 
 
-@register_objective("fast_at", check=_check_fast_at)
+@register_objective("fast_at", check=_check_fast_at, work=lambda node: cost.Work(train=1, grad=1))
 def fast_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
                  train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy at one random-start FGSM step (Wong et al. 2020, algorithm 3)."""
@@ -181,7 +182,9 @@ def _kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits_adv, dim=1), p_clean, reduction="batchmean")
 
 
-@register_objective("trades", check=_check_trades)
+# TRADES: the clean target, the KL ascent, then a step through the clean and the adversarial batch
+@register_objective("trades", check=_check_trades,
+                    work=lambda node: cost.Work(fwd=1, grad=node.steps, train=2))
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
                 train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """CE(f(x), y) + beta * KL(f(x) || f(x_adv)); x_adv maximises the KL in the eps-ball (Zhang et al.)."""
@@ -209,7 +212,7 @@ def _check_noise(node: DictConfig, cfg: DictConfig) -> None:
               "0.5, 1.0)", low_open=True, high_open=True)
 
 
-@register_objective("noise", check=_check_noise)
+@register_objective("noise", check=_check_noise, work=lambda node: cost.Work(train=1))
 def noise_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
                train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on x + sigma * N(0, 1), not clipped to [0, 1] (Cohen et al.)."""
@@ -268,7 +271,9 @@ def _prepared(name: str, prepare: Callable[..., Loss]) -> Loss:
     return loss
 
 
-distill_loss = register_objective("distill", check=_check_distill)(_prepared("distill", _prepare_distill))
+# distill: the teacher trained first (same recipe), then its soft labels for the student
+distill_loss = register_objective("distill", check=_check_distill, work=lambda node: cost.Work(train=2, fwd=1))(
+    _prepared("distill", _prepare_distill))
 
 
 
@@ -319,4 +324,6 @@ def _prepare_ibp(model: nn.Module, ds: Dataset, train: DictConfig, node: DictCon
     return loss
 
 
-ibp_loss = register_objective("ibp", check=_check_ibp)(_prepared("ibp", _prepare_ibp))
+# ibp: the clean batch and its interval bounds (two more passes, lower and upper) in one step
+ibp_loss = register_objective("ibp", check=_check_ibp, work=lambda node: cost.Work(train=3))(
+    _prepared("ibp", _prepare_ibp))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.checkpoint import (
     CheckpointError,
     load_into,
@@ -65,7 +66,9 @@ register_objective = OBJECTIVES.register
 CLEAN = OmegaConf.create({"name": "clean"})
 
 
-@register_objective("clean")
+# Work per training image (robustsweep.core.cost), declared with each objective: one training step,
+# plus the inner attack's gradient passes for the adversarial ones.
+@register_objective("clean", work=lambda node: cost.Work(train=1))
 def clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictConfig,
                train: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy with the recipe's label smoothing (empirical risk minimisation)."""

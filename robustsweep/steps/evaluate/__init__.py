@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core.cost import Work
 from robustsweep.core.errors import ConfigError
 
 
@@ -85,6 +86,23 @@ class EvalContext:
                 m.training = self.model.training
 
 
+@dataclass(frozen=True)
+class CellShape:
+    """What an evaluator's work declaration knows of a cell before anything runs
+    (robustsweep.estimate): identities that are equal for cells that share the thing."""
+
+    n_eval: int  # evaluation images
+    model: str  # the compressed model (equal for cells that differ only in attack or eps)
+    dense: str  # the dense baseline it is compressed from
+    attack: str  # the attack and its eps
+    attack_work: Work | None  # the attack's declared work per attacked image (None: not declared)
+
+
+# An evaluator's work in one cell: (share key, work) pairs; a pair whose key is not None is done
+# once per process for every cell with that key (a memo, a cache), the others in every cell.
+WorkItems = list[tuple[tuple[Any, ...] | None, Work]]
+
+
 @dataclass
 class Outcome:
     metrics: dict[str, float]
@@ -108,6 +126,9 @@ class Evaluator:
     # The positions in the evaluation subset whose adversarial examples it will ask the robust
     # evaluator for (``Robust.adversarial``): kept from the evaluation itself, not attacked again.
     adversarial_of: Callable[[EvalContext], Any] | None = None
+    # What it costs (robustsweep.core.cost), for the estimate a sweep logs before it runs; None: not
+    # declared (the estimate says so). May return None when it cannot say (an undeclared attack).
+    work: Callable[[DictConfig, CellShape], WorkItems | None] | None = None
 
 
 EVALUATORS: dict[str, Evaluator] = {}

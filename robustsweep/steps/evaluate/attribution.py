@@ -28,11 +28,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, nonnegative_int, positive_int
 from robustsweep.core.progress import heartbeat
 from robustsweep.steps.data import to_float
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 
 if TYPE_CHECKING:  # captum and matplotlib are imported when a job attributes, not before
     from captum.attr import IntegratedGradients
@@ -276,8 +277,15 @@ def _check(cfg: DictConfig) -> None:
               f"null (no doubling) or an integer >= attribution.n_steps ({cfg.attribution.n_steps})")
 
 
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems:
+    """IG on n_images: the clean maps once per model (the memo), the adversarial ones per cell."""
+    a = cfg.attribution
+    ig = cost.doubling(int(a.n_steps), a.get("max_n_steps")) * min(int(a.n_images), cell.n_eval)
+    return [(("ig_clean", cell.model), ig), (None, ig)]
+
+
 register_evaluator(Evaluator(
-    name="attribution", group="attribution", run=run, reads=("robust",), check=_check,
+    name="attribution", work=_work, group="attribution", run=run, reads=("robust",), check=_check,
     metrics=("ig_delta", "ig_n_steps", "ig_n_incomplete", "ig_s"),
     reasons={"ig_incomplete": "Integrated Gradients did not reach completeness at the n_steps cap"},
     enabled=lambda cfg: (cfg.attribution.get("n_images") or 0) > 0,

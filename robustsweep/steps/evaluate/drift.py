@@ -43,11 +43,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.guards import check_unit_range, frozen
 from robustsweep.core.params import check, number_in, positive_int
 from robustsweep.core.progress import heartbeat
 from robustsweep.steps.data import to_float
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 from robustsweep.steps.evaluate.attribution import ig_maps
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,20 @@ def _check(cfg: DictConfig) -> None:
 
 
 _METRICS = tuple(f"{m}{s}{b}" for s in ("", "_adv") for m in (*PAIRED, *SINGLE) for b in ("", "_lo", "_hi"))
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems:
+    """Per cell: the compressed model's clean and adversarial maps, the dense model's adversarial
+    ones and the re-initialised model's; the dense model's clean maps once per process."""
+    node = cfg.drift
+    n, k = min(int(node.n_images), cell.n_eval), min(int(node.n_random), cell.n_eval)
+    if node.method == "integrated_gradients":
+        per = cost.doubling(int(node.n_steps), node.get("max_n_steps"))
+    else:  # saliency: one gradient; the noisy methods: one per sample
+        per = cost.grad_range(int(node.get("nt_samples") or node.get("n_samples") or 1))
+    return [(None, per * (3 * n + k)), (("drift_dense", cell.dense), per * n)]
+
+
 register_evaluator(Evaluator(
-    name="drift", group="drift", run=run, reads=("robust",), check=_check,
+    name="drift", group="drift", run=run, work=_work, reads=("robust",), check=_check,
     metrics=(*_METRICS, "ig_hf_share_dense", "drift_random_spearman", "drift_n_images", "drift_s"),
     reasons={"attribution_insensitive": "attribution maps of a re-initialised model correlate with "
                                         "the trained model's (Adebayo et al. 2018): they show the "

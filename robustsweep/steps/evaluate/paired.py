@@ -33,15 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from robustsweep.core.checkpoint import atomic_write_bytes
+from robustsweep.core.cost import Work
 from robustsweep.core.device import amp_name, attack_batch_size
 from robustsweep.core.params import eps_label
 from robustsweep.core.paths import resolve_path
 from robustsweep.core.stats import paired_deltas
 from robustsweep.steps import data
 from robustsweep.steps.attacks import attack_kwargs, attack_norm, build_attack, evaluate
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 from robustsweep.steps.models import with_amp
 
 log = logging.getLogger(__name__)
@@ -165,4 +167,16 @@ def _append_reference(ctx: EvalContext, ref: Reference) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-register_evaluator(Evaluator(name="paired", group="attack", run=run, reads=("robust",), metrics=METRICS))
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
+    """The cell's attack on the dense baseline, once per attack and eps (cached on disk); nothing for
+    an uncompressed cell, its own reference."""
+    if cell.model == cell.dense:
+        return []
+    if cell.attack_work is None:
+        return None
+    n = cell.n_eval
+    return [(("reference", cell.dense, cell.attack), cell.attack_work * n + Work(fwd=2 * n))]
+
+
+register_evaluator(Evaluator(name="paired", group="attack", run=run, reads=("robust",), metrics=METRICS,
+                             work=_work))

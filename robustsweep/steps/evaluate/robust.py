@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
+from robustsweep.core.cost import Work
 from robustsweep.core.device import attack_batch_size
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import eps_label
+from robustsweep.core.registry import TARGET
 from robustsweep.steps.attacks import (
     FGSM,
     AttackFn,
@@ -37,7 +40,15 @@ from robustsweep.steps.attacks import (
     evaluate,
 )
 from robustsweep.steps.data import to_float
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, evaluators, register_evaluator
+from robustsweep.steps.evaluate import (
+    CellShape,
+    EvalContext,
+    Evaluator,
+    Outcome,
+    WorkItems,
+    evaluators,
+    register_evaluator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +165,19 @@ def run(ctx: EvalContext) -> Outcome:
     return Outcome(metrics, {"collapsed"} if collapsed else set(), Robust(res, attack))
 
 
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
+    """Clean predictions once per model; the attack on every image (the correct ones, at most all)
+    and the adversarial predictions per cell; FGSM's direction once per model (the memo)."""
+    if cell.attack_work is None:
+        return None
+    n = cell.n_eval
+    fgsm = cfg.attack.get("name") == "fgsm" and not cfg.attack.get(TARGET)
+    return [(("clean", cell.model), Work(fwd=n)),
+            (("fgsm", cell.model) if fgsm else None, cell.attack_work * n), (None, Work(fwd=n))]
+
+
 register_evaluator(Evaluator(
-    name="robust", group="attack", run=run, check=lambda cfg: check_attack_config(cfg.attack, cfg),
+    name="robust", work=_work, group="attack", run=run, check=lambda cfg: check_attack_config(cfg.attack, cfg),
     metrics=("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "n_fooled", "attack_s",
              "attack_n_grad", "guard_n_batches", "guard_max_dist", "n_pred_classes", "collapsed"),
     metric_prefixes=("broken_by_",),

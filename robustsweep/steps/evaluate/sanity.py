@@ -25,12 +25,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core import cost
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check, nonnegative_int, number_in
 from robustsweep.core.progress import heartbeat
 from robustsweep.steps.attacks import attack_kwargs, attack_norm, build_attack
 from robustsweep.steps.data import to_float
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,17 @@ def _check(cfg: DictConfig) -> None:
     number_in(cfg, "checks.tol", 0.0, 1.0, "a number in [0, 1]")
 
 
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems:
+    """On n_probe images: eps 0 (one PGD step) and unbounded PGD (10 steps, early stop) once per
+    model (they do not depend on eps); noise, FGSM and PGD-10 (early stop) per cell."""
+    p = min(int(cfg.checks.n_probe), cell.n_eval)
+    pgd = cost.grad_range(1, 10)
+    return [(("sanity", cell.model), (cost.grad_range(1) + pgd + cost.Work(fwd=2)) * p),
+            (None, (cost.grad_range(1) + pgd + cost.Work(fwd=4)) * p)]
+
+
 register_evaluator(Evaluator(
-    name="sanity", group="checks", run=run, reads=("robust",), reasons=REASONS, check=_check,
+    name="sanity", work=_work, group="checks", run=run, reads=("robust",), reasons=REASONS, check=_check,
     metrics=("sanity_n_probe", "sanity_asr_eps0", "sanity_asr_noise", "sanity_asr_fgsm",
              "sanity_asr_pgd", "sanity_asr_unbounded", "sanity_asr_own", "sanity_s"),
     enabled=lambda cfg: bool(cfg.checks.sanity) and cfg.attack.get("name") != "none"

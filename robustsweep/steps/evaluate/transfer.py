@@ -24,12 +24,13 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from robustsweep.core.cost import Work
 from robustsweep.core.device import attack_batch_size
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check
 from robustsweep.core.progress import progress
 from robustsweep.steps.attacks import as_pixels, attack_kwargs, build_attack, predict
-from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
+from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 
 log = logging.getLogger(__name__)
 SOURCES = ("none", "dense")
@@ -85,8 +86,17 @@ def _check(cfg: DictConfig) -> None:
     check(cfg.transfer.get("name") in SOURCES, "transfer.name", cfg.transfer.get("name"), " or ".join(SOURCES))
 
 
+def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
+    """The attack on the dense model once per attack and eps (the memo); its examples on this one."""
+    if cell.attack_work is None:
+        return None
+    n = cell.n_eval
+    return [(("transfer", cell.dense, cell.attack), cell.attack_work * n + Work(fwd=2 * n)),
+            (None, Work(fwd=n))]
+
+
 register_evaluator(Evaluator(
-    name="transfer", group="transfer", run=run, reads=("robust",), check=_check,
+    name="transfer", work=_work, group="transfer", run=run, reads=("robust",), check=_check,
     metrics=("transfer_asr", "transfer_robust_acc", "transfer_source_asr", "transfer_s"),
     enabled=lambda cfg: cfg.transfer.get("name") == "dense" and cfg.attack.get("name") != "none",
 ))
