@@ -157,10 +157,12 @@ def _chaos(cwd: Path, env: dict[str, str], uri: str, kills: int = 2, workers: in
 
 
 def test_chaos_on_postgresql_through_the_tracking_server(tracking_server, tmp_path):
-    """Two kills, two workers (the server serialises its writers itself; four concurrent writers are
-    SQLite's test, below, where they contend for the file's lock)."""
+    """One kill, two workers: the killed pool's cells closed FAILED through the server and re-run,
+    every cell FINISHED once (the server serialises its writers itself; four concurrent writers are
+    SQLite's test, below, where they contend for the file's lock). A second kill (until 2026-12-07)
+    repeated the first's proof for ~25 s of the suite."""
     uri = tracking_server.tracking_uri
-    _chaos(tmp_path, {"MLFLOW_TRACKING_URI": uri}, uri, kills=2, workers=2)
+    _chaos(tmp_path, {"MLFLOW_TRACKING_URI": uri}, uri, kills=1, workers=2)
 
 
 def test_chaos_on_sqlite_with_joblib(tmp_path):
