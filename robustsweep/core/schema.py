@@ -110,8 +110,8 @@ class PerfConfig:
     reuse: bool = True
     amp: Amp = Amp.none
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its convolution algorithms once per shape
-    # a sweep logs how long its cells will take before it starts (robustsweep.estimate: ~1-3 s of
-    # calibration per network on a CPU)
+    # a sweep logs how long its cells will take before it starts (robustsweep.estimate: 1.8-6 s of
+    # calibration on the 2-core CPU box)
     estimate: bool = True
 
 
