@@ -36,12 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustsweep.core.cost import Rates, Work, duration, span
 from robustsweep.core.device import attack_batch_size, resolve_device
-from robustsweep.core.paths import resolve_path
 from robustsweep.steps import data as data_mod
 from robustsweep.steps.attacks import ATTACKS
 from robustsweep.steps.evaluate import CellShape, evaluators
 from robustsweep.steps.models import build_net
-from robustsweep.steps.train import CLEAN, OBJECTIVES, baseline_key
+from robustsweep.steps.train import CLEAN, OBJECTIVES, baseline_cache_dir, baseline_key, baseline_path
 from robustsweep.tracking import reuse
 
 log = logging.getLogger(__name__)
@@ -148,17 +147,16 @@ def _compress_work(cfg: DictConfig, n_train: int, notes: set[str]) -> Work:
     if float(cfg.sparsity) <= 0:
         return Work()
     d = cfg.get("defend")
-    tune = Work()
+    per, tune = Work(train=1), Work()  # per training image of the defend objective (clean: one step)
     if d is not None and d.get("name", "none") != "none":
-        per = OBJECTIVES.work(d)
-        if per is None:
+        if (declared := OBJECTIVES.work(d)) is None:
             notes.add(f"defend={OBJECTIVES.name_of(d)}")
         else:
+            per = declared
             tune = per * (int(d.epochs) * n_train)
     p = cfg.prune
     if p.get("method") == "hydra":
-        per = OBJECTIVES.work(d) if d is not None and d.get("name", "none") != "none" else Work(train=1)
-        return tune + (per or Work(train=1)) * (int(p.score_epochs) * n_train)
+        return tune + per * (int(p.score_epochs) * n_train)
     if p.get("schedule") == "gradual":
         return tune * int(p.steps)
     return tune
@@ -183,11 +181,15 @@ def estimate(cfgs: list[DictConfig], at_once: int = 1, worker_starts: int = 0) -
     shared_work: dict[tuple[str, Any], Work] = {}
     baselines: dict[str, tuple[str, str, Work]] = {}  # cache path -> (network, what, work)
     cached: set[str] = set()
-    decode: dict[str, float] = {}  # data identity -> seconds per image to decode its files
+    # data identity -> (channels, size, classes), test and training images, seconds to decode one:
+    # once per dataset (an image tree's splits are listed, tens of thousands of files)
+    facts: dict[str, tuple[tuple[int, int, int], int | None, int | None, float]] = {}
     for cfg in cfgs:
-        c, size, k = data_mod.shape_hint(cfg.data)
-        n_test = data_mod.test_size(cfg.data)
-        n_train = data_mod.train_size(cfg.data)
+        data_id = repr(data_mod.identity(cfg.data))
+        if data_id not in facts:
+            facts[data_id] = (data_mod.shape_hint(cfg.data), data_mod.test_size(cfg.data),
+                              data_mod.train_size(cfg.data), data_mod.decode_seconds(cfg.data))
+        (c, size, k), n_test, n_train, decode = facts[data_id]
         if n_test is None or n_train is None:
             est.not_estimated.add(f"data {cfg.data.get('_target_') or cfg.data.get('name')}")
             continue
@@ -197,16 +199,11 @@ def estimate(cfgs: list[DictConfig], at_once: int = 1, worker_starts: int = 0) -
         nets.setdefault(net, (cfg.model, (c, size, size), k, attack_batch_size(cfg, device),
                               int(cfg.train.batch_size)))
         w = work.setdefault(net, Work())
-        data_id = repr(data_mod.identity(cfg.data))
-        if data_id not in decode:
-            decode[data_id] = data_mod.decode_seconds(cfg.data)
-        train_data = Work(seconds=n_train * decode[data_id])  # decoded once per process, to train
+        train_data = Work(seconds=n_train * decode)  # decoded once per process, to train
 
         # the baseline: trained once (one process trains, the others wait), else verified on load
         if not cfg.model.get("checkpoint"):
-            key = baseline_key(cfg)
-            cache = resolve_path(cfg.paths.output_dir) / "cache" / "baselines"
-            path = cache / f"{cfg.model.get('name') or 'custom'}-{key}.safetensors"  # as steps.train names it
+            path = baseline_path(cfg, baseline_cache_dir(cfg))
             if path.is_file():
                 cached.add(str(path))
             elif str(path) not in baselines:
@@ -221,9 +218,11 @@ def estimate(cfgs: list[DictConfig], at_once: int = 1, worker_starts: int = 0) -
         model = str(reuse.pruned_key(cfg, device) or id(cfg))
         dense = str(baseline_key(cfg) if not cfg.model.get("checkpoint") else cfg.model.checkpoint)
         tune = _compress_work(cfg, n_train, est.not_estimated)
-        for key, item in ((("verify", dense), Work(fwd=n_test, seconds=n_test * decode[data_id])),
-                          (("model", model), tune + _latency(cfg)),
-                          (("train data", data_id), train_data if tune != Work() else Work())):
+        items = [(("verify", dense), Work(fwd=n_test, seconds=n_test * decode)),
+                 (("model", model), tune + _latency(cfg))]
+        if tune != Work():  # a fine-tune decodes the training split too
+            items.append((("train data", data_id), train_data))
+        for key, item in items:
             shared[(net, key)] += 1
             shared_work[(net, key)] = item
 

@@ -24,13 +24,12 @@ from robustsweep.config import validate
 from robustsweep.core.device import amp_name, resolve_device
 from robustsweep.core.guards import state_hash, unchanged
 from robustsweep.core.params import eps_label
-from robustsweep.core.paths import resolve_path
 from robustsweep.steps import compress, efficiency, evaluate
 from robustsweep.steps.attacks import attack_norm
 from robustsweep.steps.data import Dataset, load_dataset
 from robustsweep.steps.defend import defend
 from robustsweep.steps.models import with_amp
-from robustsweep.steps.train import get_baseline
+from robustsweep.steps.train import baseline_cache_dir, get_baseline
 from robustsweep.tracking import reuse
 from robustsweep.tracking.cellrun import open_cell
 from robustsweep.tracking.store import component, prune_label
@@ -121,7 +120,7 @@ def _memo(cfg: DictConfig, model_hash: str) -> evaluate.Memo:
 
 def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The dense baseline: a user checkpoint, the cached one, or trained now (and cached)."""
-    return get_baseline(cfg, ds, device, resolve_path(cfg.paths.output_dir) / "cache" / "baselines")
+    return get_baseline(cfg, ds, device, baseline_cache_dir(cfg))
 
 
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:

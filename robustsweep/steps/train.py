@@ -283,6 +283,16 @@ def _verified_cache(cfg: DictConfig, ds: Dataset, device: torch.device, path: Pa
     return model, {**meta, "test_acc": acc, "source": "cache", "path": str(path), "trained": False}
 
 
+def baseline_cache_dir(cfg: DictConfig) -> Path:
+    """Where a cell caches its dense baseline: ``<paths.output_dir>/cache/baselines``."""
+    return resolve_path(cfg.paths.output_dir) / "cache" / "baselines"
+
+
+def baseline_path(cfg: DictConfig, cache_dir: Path) -> Path:
+    """The cache file of ``cfg``'s dense baseline in ``cache_dir`` (its model's name and key)."""
+    return cache_dir / f"{cfg.model.get('name') or 'custom'}-{baseline_key(cfg)}.safetensors"
+
+
 def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
                  cache_dir: Path) -> tuple[Normalized, dict[str, Any]]:
     """Return the dense model (user checkpoint, cached baseline, or freshly trained) and its info.
@@ -307,7 +317,7 @@ def get_baseline(cfg: DictConfig, ds: Dataset, device: torch.device,
 
     key = baseline_key(cfg)
     name = cfg.model.get("name") or "custom"
-    path = cache_dir / f"{name}-{key}.safetensors"
+    path = baseline_path(cfg, cache_dir)
     seen = _stamp(path)
     hit = _verified_cache(cfg, ds, device, path, key)
     if hit is not None:
