@@ -229,7 +229,7 @@ def estimate(cfgs: list[DictConfig], at_once: int = 1, worker_starts: int = 0) -
         cell = CellShape(n_eval=n_eval, model=model, dense=dense, attack=_attack_id(cfg),
                          attack_work=ATTACKS.work(cfg.attack))
         for ev in evaluators():
-            if not ev.enabled(cfg):
+            if not ev.on(cfg):
                 continue
             items = ev.work(cfg, cell) if ev.work is not None else None
             if items is None:

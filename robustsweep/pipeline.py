@@ -37,13 +37,13 @@ from robustsweep.tracking.sweep import SUSPECT_TAG
 
 log = logging.getLogger(__name__)
 
-# The pipeline's own metrics; the steps declare theirs (compress.METRICS, each evaluator's).
+# The pipeline's own metrics; the steps declare theirs (each compression stage's, each evaluator's).
 PIPELINE_METRICS = ("baseline_test_acc", "job_s", "mlflow_s", "peak_rss_mb", "cuda_peak_mb")
 
 
 def returned_metrics() -> tuple[str, ...]:
     """Every metric name ``run`` may return (what a sweeper may optimise, what cells.csv lists)."""
-    return (*evaluate.declared_metrics(), *compress.METRICS, *efficiency.METRICS, *PIPELINE_METRICS)
+    return (*evaluate.declared_metrics(), *compress.stage_metrics(), *efficiency.METRICS, *PIPELINE_METRICS)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -125,10 +125,12 @@ def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch
 
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
     sparsity = measured.get("sparsity_measured", cfg.sparsity)
-    q = cfg.get("quantize")
-    quant = "" if q is None or q.get("name") in (None, "none") else \
-        f" {component(q)}" + (f" {q.bits} bits" if q.get("bits") is not None else "")
-    return (f"{component(cfg.model)} {prune_label(cfg)} sparsity {sparsity:.2f}{quant} | "
+    later = ""  # the stages after pruning that are on: " int8 8 bits"
+    for spec in compress.stages():
+        node = cfg.get(spec.group)
+        if spec.group != "prune" and isinstance(node, DictConfig) and component(node) not in ("none", "None"):
+            later += f" {component(node)}" + (f" {node.bits} bits" if node.get("bits") is not None else "")
+    return (f"{component(cfg.model)} {prune_label(cfg)} sparsity {sparsity:.2f}{later} | "
             f"{component(cfg.attack)} eps {eps_label(float(cfg.epsilon), attack_norm(cfg.attack))}")
 
 

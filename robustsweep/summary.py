@@ -347,11 +347,9 @@ def compression_label(cell: dict[str, Any]) -> str:
     """``dense``, or the compress methods and their levels (``global_l1 0.50``, ``fake 4b``,
     ``global_l1 0.50 + int8``, ``channel 0.50 + ft 2ep`` after a fine-tune, ``global_l1/gradual3+bn512
     0.75 + ft 1ep``): parts joined by " + ", each a method name and its level."""
-    method = cell.get("prune.method") or "none"
-    parts = [] if method == "none" or not cell["sparsity"] else [f"{method} {cell['sparsity']:.2f}"]
-    q = cell.get("quantize.name") or "none"
-    if q != "none":
-        parts.append(f"{q} {cell['quantize.bits']}b" if cell.get("quantize.bits") else q)
+    from robustsweep.steps import compress  # here: the report reads stores without torch until it must
+
+    parts = [part for spec in compress.stages() if (part := spec.label(cell))]  # each stage's own
     if (cell.get("defend.name") or "none") != "none" and parts:
         parts.append(f"ft {cell.get('defend.epochs') or '?'}ep")
     return " + ".join(parts) or "dense"

@@ -74,7 +74,7 @@ def test_a_certificate_the_attack_breaks_stops_the_run(make_cfg, tmp_path, monke
     (["certify=ibp", "quantize=int8"], "certify='ibp' is not valid; allowed: a float model"),
     (["certify=ibp", "model=custom", "model._target_=tests.nets.pooled_cnn"],
      "net.2 (MaxPool2d) is not a layer the bounds can handle"),
-    (["certify.name=smooth"], "certify.name='smooth' is not valid; allowed: none, ibp, crown, smoothing"),
+    (["certify.name=smooth"], "certify.name='smooth' is not valid; allowed: crown, ibp, none, smoothing"),
     (["objective=ibp", "objective.kappa=2"], "objective.kappa=2 is not valid"),
     (["objective=ibp", "objective.ramp=0"], "objective.ramp=0 is not valid"),
     (["objective=ibp", "objective.warmup=0.6", "objective.ramp=0.6"],

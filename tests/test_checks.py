@@ -13,7 +13,7 @@ from torch import nn
 
 from robustsweep.core import guards
 from robustsweep.core.guards import AttackGuardError, check_adversarial
-from robustsweep.steps.attacks import build_attack, evaluate
+from robustsweep.steps.attacks import attack_info, build_attack, evaluate
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import sanity
 from robustsweep.steps.evaluate.attribution import integrated_gradients
@@ -224,8 +224,10 @@ def test_an_attack_weaker_than_pgd_is_flagged_and_l2_cells_probe_in_l2(digits_mo
         return build_attack(model, e, aa, n_classes=10, seed=0, **o)
 
     def probe(own: float, norm: str = "linf", eps: float = 0.1):
-        return sanity.sanity_probe(model, build, "autoattack", x, y, eps, tol=0.05, norm=norm, own_asr=own)
+        return sanity.sanity_probe(model, build, "autoattack", x, y, eps, tol=0.05, norm=norm, own_asr=own,
+                                   at_least_pgd=attack_info(aa).at_least_pgd)
 
+    assert attack_info(aa).at_least_pgd and not attack_info({"name": "square"}).at_least_pgd
     strong = probe(own=1.0)
     assert strong.reasons == [] and strong.asr["pgd"] > 0.2
     assert "weaker_than_pgd" in probe(own=strong.asr["pgd"] - 2 / len(y)).reasons

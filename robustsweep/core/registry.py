@@ -11,7 +11,8 @@ not in one function with ``if name == ...``.
 Plug-ins may live in modules that import the registry's own module (``steps/attack_zoo.py`` builds
 on ``steps/attacks.py``). Such modules are named in ``plugins`` and imported on first lookup, as
 Hydra and setuptools discover plug-ins, so the registry is complete whoever asks first and the
-modules import each other in one direction only.
+modules import each other in one direction only. Other packages' plug-ins (entry-point group
+``robustsweep.plugins``, robustsweep.core.plugins) are imported on that first lookup too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from robustsweep.core import plugins as outside
 from robustsweep.core.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,13 +67,17 @@ class Registry(dict[str, F], Generic[F]):
         # what a plug-in costs, from its node (robustsweep.core.cost: image passes; what the passes
         # are per depends on the group: per attacked image, per training image)
         self.works: dict[str, Callable[[DictConfig], Any]] = {}
+        # what a plug-in is, declared with it (an attack's norms: robustsweep.steps.attacks.AttackInfo)
+        self.infos: dict[str, Any] = {}
         self._plugins = plugins  # modules registering more plug-ins, imported on first lookup
 
     def discover(self) -> None:
-        """Import the ``plugins`` modules (once); each registers its plug-ins here."""
+        """Import the ``plugins`` modules (once), then other packages' plug-ins
+        (robustsweep.core.plugins); each registers its plug-ins here."""
         plugins, self._plugins = self._plugins, ()
         for module in plugins:
             importlib.import_module(module)
+        outside.load()
 
     def __contains__(self, name: object) -> bool:
         self.discover()
@@ -86,16 +92,24 @@ class Registry(dict[str, F], Generic[F]):
         return super().__getitem__(name)
 
     def register(self, name: str, check: Callable[[DictConfig, DictConfig], None] | None = None,
-                 work: Callable[[DictConfig], Any] | None = None) -> Callable[[F], F]:
+                 work: Callable[[DictConfig], Any] | None = None, info: Any = None) -> Callable[[F], F]:
         def deco(fn: F) -> F:
             self[name] = fn
             if check is not None:
                 self.checks[name] = check
             if work is not None:
                 self.works[name] = work
+            if info is not None:
+                self.infos[name] = info
             return fn
 
         return deco
+
+    def info(self, node: DictConfig | dict, default: Any = None) -> Any:
+        """What the chosen plug-in declared about itself (``register(info=...)``); ``default`` for a
+        ``_target_`` plug-in or one that declared nothing."""
+        self.discover()
+        return default if node.get(TARGET) else self.infos.get(node.get(self.key), default)
 
     def work(self, node: DictConfig) -> Any:
         """The chosen plug-in's declared work for ``node``; None when it declares none (a

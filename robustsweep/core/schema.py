@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+from robustsweep.core import plugins
 
 # Fine-tuning after compression lived in prune.* until the `defend` group replaced it. The old
 # keys stay accepted (robustsweep.config normalises them into `defend` with a deprecation warning,
@@ -154,6 +156,22 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
+
+def _with_plugin_groups(base: type) -> type:
+    """``base`` plus one ``Any = None`` key per new config group that an installed plug-in declares
+    (robustsweep.core.plugins): None until ``+group=option`` chooses one, which is "off" and is not
+    part of a cell's identity. Same name and module as ``base``, so a pickled config (a worker
+    process's job) finds it."""
+    have = {f.name for f in fields(base)}
+    new = [g for g in plugins.groups() if g not in have and g.isidentifier()]
+    if not new:
+        return base
+    cls = make_dataclass(base.__name__, [(g, Any, field(default=None)) for g in new], bases=(base,))
+    cls.__module__, cls.__qualname__, cls.__doc__ = base.__module__, base.__qualname__, base.__doc__
+    return cls
+
+
+Config = _with_plugin_groups(Config)
 
 LAUNCH_ENV = "ROBUSTSWEEP_LAUNCH_ID"
 

@@ -39,11 +39,11 @@ from robustsweep.core import cost
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, number_in, positive_int, unlocked
 from robustsweep.steps.attacks import (
-    ATTACK_NORMS,
     ATTACKS,
     NORMS,
     TARGET,
     AttackFn,
+    AttackInfo,
     attack_norm,
     build_attack,
     check_norm,
@@ -195,7 +195,8 @@ def _autoattack_work(node: DictConfig) -> cost.Work:
     return pgd_work({"steps": node.get("prefilter_steps", 10), "early_stop": True}).then(aa)
 
 
-@register_attack("autoattack", check=_check_autoattack, work=_autoattack_work)
+@register_attack("autoattack", check=_check_autoattack, work=_autoattack_work,
+                 info=AttackInfo(norms=("linf", "l2"), at_least_pgd=True))
 def autoattack(model: nn.Module, eps: float, norm: str = "linf", version: str = "standard", steps: int = 100,
                n_classes: int | None = None, seed: int = 0, prefilter: str = "none", prefilter_steps: int = 10,
                **_: object) -> Ensemble:
@@ -222,7 +223,7 @@ def _check_apgd(node: DictConfig, cfg: DictConfig) -> None:
         _check_classes(cfg, "apgd attack.loss=dlr", "apgd-dlr")
 
 
-@register_attack("apgd", check=_check_apgd,
+@register_attack("apgd", check=_check_apgd, info=AttackInfo(norms=("linf", "l2"), at_least_pgd=True),
                  work=lambda node: cost.grad_range(int(node.get("steps", 100))
                                                    * int(node.get("n_restarts", 1))))
 def apgd(model: nn.Module, eps: float, norm: str = "linf", loss: str = "ce", steps: int = 100,
@@ -239,7 +240,8 @@ def _check_square(node: DictConfig, cfg: DictConfig) -> None:
     positive_int(cfg, "attack.n_restarts")
 
 
-@register_attack("square", check=_check_square,  # one query per image at the least: broken at once
+@register_attack("square", check=_check_square, info=AttackInfo(norms=("linf", "l2")),
+                 # one query per image at the least: broken at once
                  work=lambda node: cost.fwd_range(1, int(node.get("n_queries", 5000))
                                                   * int(node.get("n_restarts", 1))))
 def square(model: nn.Module, eps: float, norm: str = "linf", n_queries: int = 5000, n_restarts: int = 1,
@@ -258,7 +260,8 @@ def _check_cw(node: DictConfig, cfg: DictConfig) -> None:
     number_in(cfg, "attack.kappa", 0.0, math.inf, "a number >= 0")
 
 
-@register_attack("cw", check=_check_cw, work=lambda node: cost.grad_range(int(node.get("steps", 100))))
+@register_attack("cw", check=_check_cw, work=lambda node: cost.grad_range(int(node.get("steps", 100))),
+                 info=AttackInfo(norms=("l2",)))
 def cw(model: nn.Module, eps: float, norm: str = "l2", c: float = 10.0, kappa: float = 0.0, steps: int = 100,
        lr: float = 0.01, **_: object) -> InsideBall:
     """CW-L2 (torchattacks.CW), counted only inside the L2 ball (see the module docstring)."""
@@ -314,7 +317,8 @@ def _ensemble_work(node: DictConfig) -> cost.Work | None:
     return total
 
 
-@register_attack("ensemble", check=_check_ensemble, work=_ensemble_work)
+@register_attack("ensemble", check=_check_ensemble, work=_ensemble_work,
+                 info=AttackInfo(norms=("linf", "l2"), at_least_pgd=True))
 def ensemble(model: nn.Module, eps: float, attacks: Sequence[Any] = (), norm: str = "linf",
              n_classes: int | None = None, seed: int = 0, **_: object) -> Ensemble:
     """The worst case per image over ``attacks`` (each a config node like ``attack`` itself)."""
@@ -326,7 +330,3 @@ def ensemble(model: nn.Module, eps: float, attacks: Sequence[Any] = (), norm: st
             node["norm"] = norm
         built.append((name, build_attack(model, eps, node, n_classes=n_classes, seed=seed)))
     return Ensemble(model, built, NORMS[norm])
-
-
-ATTACK_NORMS.update(autoattack=("linf", "l2"), apgd=("linf", "l2"), square=("linf", "l2"), cw=("l2",),
-                    ensemble=("linf", "l2"))

@@ -35,6 +35,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,33 @@ NORMS = {"linf": "Linf", "l2": "L2"}  # attack.norm -> the guard's and torchatta
 # shape, e.g. torchattacks.MIFGSM (conf/attack/mifgsm.yaml: a torchattacks attack by YAML alone).
 # robustsweep.steps.attack_zoo (AutoAttack, APGD, Square, CW, ensembles) registers itself on first lookup.
 ATTACKS: Registry[Callable[..., AttackFn]] = Registry("attack", plugins=("robustsweep.steps.attack_zoo",))
-register_attack = ATTACKS.register
-# attack.name -> the norms it supports (a registered attack not listed here is L-inf only)
-ATTACK_NORMS: dict[str, tuple[str, ...]] = {"none": ("linf", "l2"), "fgsm": ("linf",), "pgd": ("linf", "l2")}
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    """What an attack declares about itself where it is registered (``register_attack(info=...)``)."""
+
+    norms: tuple[str, ...] = ("linf",)  # the attack.norm values it supports
+    # meant to be at least as strong as PGD: the sanity check flags a cell where it breaks fewer
+    # images than a PGD run of the same budget (``pgd_stronger``)
+    at_least_pgd: bool = False
+
+
+AttackBuilder = Callable[..., AttackFn]
+
+
+def register_attack(name: str, check: Callable[[DictConfig, DictConfig], None] | None = None,
+                    work: Callable[[DictConfig], Any] | None = None,
+                    info: AttackInfo | None = None) -> Callable[[AttackBuilder], AttackBuilder]:
+    """``@register_attack("name", check=, work=, info=)``: an attack, its key checks, its work
+    (robustsweep.core.cost) and what it is (``AttackInfo``: L-inf only and no stronger than PGD unless
+    it says so)."""
+    return ATTACKS.register(name, check=check, work=work, info=info or AttackInfo())
+
+
+def attack_info(node: DictConfig | dict) -> AttackInfo:
+    """The chosen attack's declaration; a ``_target_`` attack may use any norm (its own business)."""
+    return ATTACKS.info(node, AttackInfo(norms=tuple(NORMS)))
 # Keys the evaluator supplies to registered attacks (not from YAML): the data's class count (APGD-T
 # and FAB index a class table of that size) and the run's seed.
 CONTEXT_KEYS = ("n_classes", "seed")
@@ -71,7 +96,7 @@ def attack_norm(node: DictConfig | dict) -> str:
 STEP_KEYS = ("step_size", "alpha")  # step sizes may be written as fractions ("2/255")
 
 
-@register_attack("none", work=lambda node: cost.NONE)
+@register_attack("none", work=lambda node: cost.NONE, info=AttackInfo(norms=("linf", "l2")))
 def no_attack(model: nn.Module, eps: float, **_: object) -> AttackFn:
     """The identity: robust_acc == clean_acc, asr == 0. A control cell."""
     return lambda x, y: x
@@ -235,7 +260,7 @@ def pgd_work(node: DictConfig) -> cost.Work:
     return cost.grad_range(1 if node.get("early_stop", False) else steps, steps)
 
 
-@register_attack("pgd", check=_check_pgd, work=pgd_work)
+@register_attack("pgd", check=_check_pgd, work=pgd_work, info=AttackInfo(norms=("linf", "l2")))
 def pgd(model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None,
         random_start: bool = True, early_stop: bool = False, norm: str = "linf", **_: object) -> PGD:
     """PGD in L-inf or L2 (see ``PGD``).
@@ -253,7 +278,7 @@ def check_norm(node: DictConfig | dict, key: str = "attack") -> str:
     check(norm in NORMS, f"{key}.norm", node.get("norm"), " or ".join(NORMS))
     name = node.get("name")
     if not node.get(TARGET) and name in ATTACKS:
-        supported = ATTACK_NORMS.get(name, ("linf",))
+        supported = attack_info(node).norms
         check(norm in supported, f"{key}.norm", norm,
               f"{' or '.join(supported)} ({key}={name} supports no other norm)")
     return norm

@@ -6,8 +6,10 @@ Each stage is a config group with a neutral option (``prune=none``) and a functi
 fine-tune and folds them in afterwards) and what it measured (``sparsity_measured``). Today's
 stages, in order: pruning -- masks (robustsweep.steps.prune), one-shot or gradual, or for
 ``prune=channel`` channel removal (robustsweep.steps.channel) --, BatchNorm recalibration
-(``compress.bn_recalibrate``), quantization. Further stages plug in in ``STAGES`` order, each
-declaring its metric names in ``METRICS``. Stages get the data too (calibration images, the input
+(``compress.bn_recalibrate``), quantization. Each is a ``StageSpec`` given to ``register_stage``:
+its config group, its place in the order, the metrics it measures and its fragment of a
+compression label (summary, report); another package registers one the same way
+(robustsweep.core.plugins). Stages get the data too (calibration images, the input
 shape) and the fine-tune (``finetune``: the ``defend`` step, which gradual pruning runs between
 its steps).
 """
@@ -15,7 +17,7 @@ its steps).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core import plugins
 from robustsweep.core.params import check
 from robustsweep.core.stats import mcnemar, paired_bootstrap
 from robustsweep.steps import hydra
@@ -207,19 +210,70 @@ def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Fin
 # prune methods that are a whole stage of their own (they change the architecture or train first)
 OWN_STAGES: dict[str, Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]] = {
     "channel": channel_stage, "hydra": hydra_stage}
-# In order. Each: (config node, stage function).
-STAGES: tuple[tuple[str, Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]], ...] = (
-    ("prune", prune_stage), ("compress", bn_stage), ("quantize", quantize_stage))
-# every metric a stage's finalize may return
-METRICS: tuple[str, ...] = ("sparsity_measured", "params_removed", "hydra_mask_moved", "test_acc_stale_bn",
-                            "bn_recal_gain", "bn_recal_gain_lo", "bn_recal_gain_hi", "bn_recal_mcnemar_p",
-                            *QUANT_METRICS)
+
+StageFn = Callable[[nn.Module, DictConfig, Dataset, Finetune], Stage]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A compression stage as declared where it is registered."""
+
+    group: str  # the config node that configures it (a plug-in's own group is None until chosen)
+    fn: StageFn
+    order: int  # where it runs: prune 10, BatchNorm recalibration 20, quantize 30
+    metrics: tuple[str, ...] = ()  # every metric its finalize may return
+    # Its fragment of a compression label from the cell's params as the store holds them
+    # ({"prune.method": "global_l1", "sparsity": 0.5, ...}): "global_l1 0.50", "int8"; None when off
+    label: Callable[[Mapping[str, Any]], str | None] = lambda params: None
+
+
+_STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(spec: StageSpec) -> StageSpec:
+    _STAGES[spec.group] = spec
+    return spec
+
+
+def stages() -> list[StageSpec]:
+    """Every registered stage in order, other packages' included (robustsweep.core.plugins)."""
+    plugins.load()
+    return sorted(_STAGES.values(), key=lambda s: (s.order, s.group))
+
+
+def stage_metrics() -> tuple[str, ...]:
+    return tuple(m for spec in stages() for m in spec.metrics)
+
+
+def _off(value: Any) -> bool:
+    return value is None or str(value) in ("none", "None", "")
+
+
+def _prune_label(params: Mapping[str, Any]) -> str | None:
+    method, sparsity = params.get("prune.method") or "none", float(params.get("sparsity") or 0)
+    return None if _off(method) or not sparsity else f"{method} {sparsity:.2f}"
+
+
+def _quantize_label(params: Mapping[str, Any]) -> str | None:
+    q = params.get("quantize.name")
+    if _off(q):
+        return None
+    return f"{q} {params['quantize.bits']}b" if params.get("quantize.bits") else str(q)
+
+
+register_stage(StageSpec("prune", prune_stage, 10, ("sparsity_measured", "params_removed", "hydra_mask_moved"),
+                         _prune_label))
+register_stage(StageSpec("compress", bn_stage, 20, ("test_acc_stale_bn", "bn_recal_gain", "bn_recal_gain_lo",
+                                                    "bn_recal_gain_hi", "bn_recal_mcnemar_p")))
+register_stage(StageSpec("quantize", quantize_stage, 30, tuple(QUANT_METRICS), _quantize_label))
 
 
 def compress(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune | None = None) -> list[Stage]:
     """Apply every stage to ``model`` in place; finalize them (``finalize``) after ``defend``.
-    ``finetune``: the defend step (gradual pruning calls it between its steps)."""
-    return [stage(model, cfg, ds, finetune or (lambda: None)) for _, stage in STAGES]
+    ``finetune``: the defend step (gradual pruning calls it between its steps). A stage whose group
+    the config does not have (a plug-in's, not chosen) is skipped."""
+    return [spec.fn(model, cfg, ds, finetune or (lambda: None)) for spec in stages()
+            if cfg.get(spec.group) is not None or spec.group not in plugins.groups()]
 
 
 def finalize(stages: list[Stage]) -> dict[str, float]:

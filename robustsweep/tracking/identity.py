@@ -1,13 +1,13 @@
 """Cell identity: which config determines a cell's numbers, as one canonical dict.
 
-``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``:
-paths, tracking, Hydra, search, checks, efficiency, perf except ``perf.amp``; ``attack.norm`` when it is
-``linf``, the only norm before the key existed; ``LATER_KEYS`` at their neutral value) and minus
-every step at its
-neutral default (a group node whose ``name``/``method`` is ``none``). So a new config group whose
-default is ``none`` leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming.
-``cell_id`` hashes it; the per-process reuse keys (robustsweep.tracking.reuse) derive from it too,
-so a key can never silently leave a field out.
+``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``: paths,
+tracking, Hydra, search, checks, efficiency, perf except ``perf.amp``; ``attack.norm`` when it is
+``linf``, the only norm before the key existed; ``LATER_KEYS`` at their neutral value; a plug-in's
+group that is not chosen, robustsweep.core.plugins) and minus every step at its neutral default (a
+group node whose ``name``/``method`` is ``none``). So a new config group whose default is ``none``
+leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming. ``cell_id`` hashes
+it; the per-process reuse keys (robustsweep.tracking.reuse) derive from it too, so a key can never
+silently leave a field out.
 
 Identity v1 (until commit c37dc28) hashed the same config with the fine-tune keys inside ``prune``
 (``prune.finetune_epochs``/``finetune_lr``) and no ``objective``/``defend`` groups.
@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from robustsweep.core import plugins
 from robustsweep.core.device import amp_name
 from robustsweep.core.params import parse_epsilon
 
@@ -48,6 +49,9 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=False)
     for k in NOT_RESULTS:
         c.pop(k, None)
+    for k in plugins.groups():  # a plug-in's group not chosen (None): as if not installed
+        if c.get(k, 0) is None:
+            c.pop(k)
     norm = (c.get("attack") or {}).get("norm") if isinstance(c.get("attack"), dict) else None
     c["epsilon"] = parse_epsilon(c["epsilon"], norm or "linf")  # "8/255" and 0.0313725... are the same cell
     if (amp := amp_name(cfg)) != "none":

@@ -105,7 +105,7 @@ def pruned_key(cfg: DictConfig, device: Any) -> str | None:
         return None
     c = canonical(cfg)
     c.pop("epsilon", None)
-    built_by = {group for group, _ in compress.STAGES}  # an evaluator may read a compress group (quant)
+    built_by = {spec.group for spec in compress.stages()}  # an evaluator may read a compress group (quant)
     for ev in evaluators():  # what only evaluation reads
         if ev.group not in built_by:
             c.pop(ev.group, None)

@@ -400,7 +400,10 @@ def run_name(cfg: DictConfig) -> str:
     small_cnn``; a quantized or fine-tuned cell names that too. A label for people, not an identity
     (cells are identified by ``robustsweep.cell``)."""
     eps = eps_label(float(cfg.epsilon), str(cfg.attack.get("norm") or "linf"))
-    extra = [f"{group}={component(cfg[group])}" for group in ("quantize", "defend")
+    from robustsweep.steps import compress  # here: this module is imported by processes without torch
+
+    after = [spec.group for spec in compress.stages() if spec.group != "prune"]  # prune leads, below
+    extra = [f"{group}={component(cfg[group])}" for group in (*after, "defend")
              if isinstance(cfg.get(group), DictConfig) and component(cfg[group]) not in ("none", "None")]
     return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", prune_label(cfg),
                      *extra, component(cfg.model)])

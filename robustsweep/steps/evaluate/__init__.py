@@ -12,7 +12,9 @@ Each evaluator seeds its own randomness (``torch.manual_seed(cfg.seed)`` before 
 noisy attribution), so adding or removing one never changes another's numbers.
 
 Adding one: a file here with a function ``run(ctx) -> Outcome`` and its registration, and a
-config group ``conf/<group>/{none,<yours>}.yaml`` listed in ``conf/config.yaml``'s defaults.
+config group ``conf/<group>/{none,<yours>}.yaml`` listed in ``conf/config.yaml``'s defaults. From
+another package: the same file and one YAML, ``conf/<group>/<yours>.yaml``, declared by an entry
+point (robustsweep.core.plugins); its group is off until ``+<group>=<yours>`` chooses it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 from omegaconf import DictConfig
 from torch import nn
 
+from robustsweep.core import plugins
 from robustsweep.core.cost import Work
 from robustsweep.core.errors import ConfigError
 
@@ -130,6 +133,11 @@ class Evaluator:
     # declared (the estimate says so). May return None when it cannot say (an undeclared attack).
     work: Callable[[DictConfig, CellShape], WorkItems | None] | None = None
 
+    def on(self, cfg: DictConfig) -> bool:
+        """Whether it runs in this cell: its group chosen (a plug-in's group is None until
+        ``+group=option``) and ``enabled``."""
+        return cfg.get(self.group) is not None and self.enabled(cfg)
+
 
 EVALUATORS: dict[str, Evaluator] = {}
 _discovered = False
@@ -147,6 +155,7 @@ def evaluators() -> list[Evaluator]:
         for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
             importlib.import_module(f"{__name__}.{m.name}")
         _discovered = True
+        plugins.load()  # other packages' evaluators (entry-point group robustsweep.plugins)
     order: list[Evaluator] = []
 
     def visit(ev: Evaluator, path: tuple[str, ...]) -> None:
@@ -174,6 +183,8 @@ def declared_reasons() -> dict[str, str]:
 def check_config(cfg: DictConfig) -> None:
     """Each evaluator's own key checks; its group must be a config node."""
     for ev in evaluators():
+        if cfg.get(ev.group) is None and ev.group in plugins.groups():
+            continue  # a plug-in's group not chosen (+group=option): off
         if not isinstance(cfg.get(ev.group), DictConfig):
             raise ConfigError(f"{ev.group}={cfg.get(ev.group)!r} is not valid; allowed: a config group, "
                               f"pick one with {ev.group}=<option>")
@@ -186,7 +197,7 @@ def run_evaluators(ctx: EvalContext) -> tuple[dict[str, float], set[str]]:
     metrics: dict[str, float] = {}
     reasons: set[str] = set()
     for ev in evaluators():
-        if not ev.enabled(ctx.cfg) or any(dep not in ctx.results for dep in ev.reads):
+        if not ev.on(ctx.cfg) or any(dep not in ctx.results for dep in ev.reads):
             continue
         out = ev.run(ctx)
         unknown = {m for m in set(out.metrics) - set(ev.metrics)

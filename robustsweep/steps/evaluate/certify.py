@@ -35,6 +35,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -43,6 +45,7 @@ from robustsweep.core.errors import ConfigError
 from robustsweep.core.guards import frozen
 from robustsweep.core.params import check, nonnegative_int, number_in, positive_int
 from robustsweep.core.progress import heartbeat, progress
+from robustsweep.core.registry import Registry
 from robustsweep.steps.attacks import as_pixels, attack_norm
 from robustsweep.steps.bounds import (
     BoundError,
@@ -56,7 +59,20 @@ from robustsweep.steps.bounds import (
 from robustsweep.steps.evaluate import EvalContext, Evaluator, Outcome, register_evaluator
 
 log = logging.getLogger(__name__)
-METHODS = ("ibp", "crown", "smoothing")
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What a certificate declares where it is registered."""
+
+    norm: str  # the ball it certifies: "linf" (the cell's epsilon) or "l2" (certify.radius)
+    guarantee: str  # what "certified" promises, in words
+    of_the_model: bool = True  # about the attacked model (checked against the attack) or another one
+
+
+DETERMINISTIC = "deterministic: every input in the ball is classified correctly"
+# certify.name -> run(ctx) -> Outcome; each registered with its key checks and CertificateInfo
+CERTIFICATES: Registry[Callable[[EvalContext], Outcome]] = Registry("certify")
 
 
 class CertificateViolationError(RuntimeError):
@@ -64,34 +80,43 @@ class CertificateViolationError(RuntimeError):
 
 
 def check_certify(cfg: DictConfig) -> None:
+    """``certify.*``: the chosen certificate's own checks (``none``: off)."""
     node = cfg.certify
-    name = node.get("name", "none")
-    if name == "none":
+    if node.get("name", "none") == "none" and not node.get("_target_"):
         return
-    check(name in METHODS, "certify.name", name, "none, " + ", ".join(METHODS))
-    if name == "smoothing":
-        _check_smoothing(cfg)
-        return
+    CERTIFICATES.validate(node, cfg)
+
+
+def _check_bounds(cfg: DictConfig) -> list:
+    """What IBP and CROWN both need: an L-inf cell, a float model, layers the bounds handle."""
+    name = cfg.certify.name
     check(attack_norm(cfg.attack) == "linf", "certify", name,
           f"an L-inf attack: {name} bounds the L-inf ball of the cell's epsilon, and the cell's "
           f"attack.norm={attack_norm(cfg.attack)!r} (certified vs empirical would compare different balls)")
     q = cfg.get("quantize")
     check(q is None or q.get("name", "none") != "int8", "certify", name,
           "a float model: quantize=int8 runs int8 kernels the bounds do not model (quantize=fake is fine)")
-    if name == "ibp":
-        positive_int(cfg, "certify.batch_size")
-    else:
-        check(node.get("intermediate") in ("crown", "ibp"), "certify.intermediate", node.get("intermediate"),
-              "crown (plain stacks) or ibp (CROWN-IBP, residual networks too)")
-        positive_int(cfg, "certify.chunk")
-        number_in(cfg, "certify.max_memory_mb", 0.0, math.inf, "a number of MB > 0", low_open=True)
-    net, shape, classes = network_for_checks(cfg)
+    net, _, _ = network_for_checks(cfg)
     try:
-        nodes = flatten(net)
+        return flatten(net)
     except BoundError as e:
         raise ConfigError(f"certify={name}: model={cfg.model.get('name') or cfg.model.get('_target_')} has a "
                           f"layer the bounds cannot handle: {e}") from None
-    if name == "crown" and node.intermediate == "crown":
+
+
+def _check_ibp(node: DictConfig, cfg: DictConfig) -> None:
+    positive_int(cfg, "certify.batch_size")
+    _check_bounds(cfg)
+
+
+def _check_crown(node: DictConfig, cfg: DictConfig) -> None:
+    check(node.get("intermediate") in ("crown", "ibp"), "certify.intermediate", node.get("intermediate"),
+          "crown (plain stacks) or ibp (CROWN-IBP, residual networks too)")
+    positive_int(cfg, "certify.chunk")
+    number_in(cfg, "certify.max_memory_mb", 0.0, math.inf, "a number of MB > 0", low_open=True)
+    nodes = _check_bounds(cfg)
+    if node.intermediate == "crown":
+        net, shape, classes = network_for_checks(cfg)
         check(not has_residual(nodes), "certify.intermediate", "crown",
               "ibp for a network with residual blocks (CROWN-IBP: intermediate bounds by IBP, the last "
               "layer by CROWN); full CROWN here bounds plain stacks")
@@ -101,8 +126,7 @@ def check_certify(cfg: DictConfig) -> None:
               f"lower certify.chunk, or use certify.intermediate=ibp or certify=ibp")
 
 
-def _check_smoothing(cfg: DictConfig) -> None:
-    node = cfg.certify
+def _check_smoothing(node: DictConfig, cfg: DictConfig) -> None:
     number_in(cfg, "certify.sigma", 0.0, math.inf, "a noise level > 0 in pixel units (L2), e.g. 0.25",
               low_open=True, high_open=True)
     positive_int(cfg, "certify.n0")
@@ -120,7 +144,10 @@ def _check_smoothing(cfg: DictConfig) -> None:
     positive_int(cfg, "certify.batch_size")
 
 
-def _run_smoothing(ctx: EvalContext) -> Outcome:
+@CERTIFICATES.register("smoothing", check=_check_smoothing, info=CertificateInfo(
+    "l2", "probabilistic: the smoothed classifier g (not the attacked model) is correct in the L2 ball of "
+          "certify.radius, with probability >= 1 - certify.alpha per image", of_the_model=False))
+def smoothing(ctx: EvalContext) -> Outcome:
     from robustsweep.steps.smoothing import ABSTAIN, certify
 
     node, ds = ctx.cfg.certify, ctx.ds
@@ -202,40 +229,52 @@ def _attack_smoothed(ctx: EvalContext, x_all: torch.Tensor, certified: torch.Ten
     return out
 
 
-def _batch(ctx: EvalContext, net: torch.nn.Module) -> int:
-    node = ctx.cfg.certify
-    if node.name == "ibp":
-        return int(node.batch_size)
+Margins = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> (B, K-1) lower bounds
+
+
+@CERTIFICATES.register("ibp", check=_check_ibp, info=CertificateInfo("linf", DETERMINISTIC))
+def ibp(ctx: EvalContext) -> Outcome:
+    """Interval bound propagation (robustsweep.steps.bounds.ibp_margins), certify.batch_size images at once."""
+    n_classes = len(ctx.ds.classes)
+
+    def margins(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ibp_margins(ctx.model, x, y, ctx.eps, n_classes)
+
+    return _certify_by_bounds(ctx, margins, int(ctx.cfg.certify.batch_size))
+
+
+@CERTIFICATES.register("crown", check=_check_crown, info=CertificateInfo("linf", DETERMINISTIC))
+def crown(ctx: EvalContext) -> Outcome:
+    """CROWN or CROWN-IBP (certify.intermediate), as many images at once as certify.max_memory_mb holds."""
+    node, n_classes = ctx.cfg.certify, len(ctx.ds.classes)
     if node.intermediate == "ibp":
-        return 64
-    per_image = crown_memory_bytes(net, tuple(ctx.ds.x_eval.shape[1:]), 1, int(node.chunk),
-                                   len(ctx.ds.classes))
-    return max(1, min(256, int(node.max_memory_mb * 2**20 // per_image)))
+        batch = 64
+    else:
+        per_image = crown_memory_bytes(ctx.model, tuple(ctx.ds.x_eval.shape[1:]), 1, int(node.chunk), n_classes)
+        batch = max(1, min(256, int(node.max_memory_mb * 2**20 // per_image)))
+    method = "crown" if node.intermediate == "crown" else "crown-ibp"
+
+    def margins(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return crown_margins(ctx.model, x, y, ctx.eps, n_classes, method=method, chunk=int(node.chunk))
+
+    return _certify_by_bounds(ctx, margins, batch)
 
 
-def run(ctx: EvalContext) -> Outcome:
+def _certify_by_bounds(ctx: EvalContext, margins: Margins, batch: int) -> Outcome:
+    """Certified where every margin bound is > 0; checked against the cell's attack (the invariant)."""
     node, ds, eps = ctx.cfg.certify, ctx.ds, ctx.eps
-    if node.name == "smoothing":
-        return _run_smoothing(ctx)
     res = ctx.results["robust"].res
-    n_classes = len(ds.classes)
     t0 = time.perf_counter()
     certified = torch.zeros(len(ds.y_eval), dtype=torch.bool)
     with frozen(ctx.model):
-        batch = _batch(ctx, ctx.model)
         desc = f"certify={node.name} eps={eps:.4g}"
         n_total = -(-len(ds.y_eval) // batch)
         for i in progress(range(0, len(ds.y_eval), batch), desc=desc, unit="batch"):
             x = as_pixels(ds.x_eval[i:i + batch])
             y = ds.y_eval[i:i + batch]
             with heartbeat(f"{desc}: batch {i // batch + 1} of {n_total} ({len(y)} images)"):
-                if node.name == "ibp":
-                    with torch.no_grad():
-                        m = ibp_margins(ctx.model, x, y, eps, n_classes)
-                else:
-                    m = crown_margins(ctx.model, x, y, eps, n_classes,
-                                      method="crown" if node.intermediate == "crown" else "crown-ibp",
-                                      chunk=int(node.chunk))
+                m = margins(x, y)
             certified[i:i + batch] = (m > 0).all(1).cpu()
     seconds = time.perf_counter() - t0
     y = ds.y_eval.cpu()
@@ -253,6 +292,21 @@ def run(ctx: EvalContext) -> Outcome:
     log.info("certify=%s: certified_acc %.4f (robust_acc %.4f by %s), %.1f s for %d images", node.name,
              metrics["certified_acc"], res.robust_acc, ctx.cfg.attack.get("name"), seconds, len(y))
     return Outcome(metrics)
+
+
+
+
+@CERTIFICATES.register("none", info=CertificateInfo("linf", "nothing: no certificate (the default)"))
+def no_certificate(ctx: EvalContext) -> Outcome:
+    return Outcome({})
+
+
+def run(ctx: EvalContext) -> Outcome:
+    """The chosen certificate (``certify.name``, or a ``certify._target_`` callable of the same shape)."""
+    info = CERTIFICATES.info(ctx.cfg.certify)
+    if info is not None:
+        log.info("certify=%s (%s ball) guarantees: %s", ctx.cfg.certify.name, info.norm, info.guarantee)
+    return CERTIFICATES.resolve(ctx.cfg.certify)(ctx)
 
 
 register_evaluator(Evaluator(

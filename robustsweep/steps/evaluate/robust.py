@@ -132,7 +132,7 @@ def run(ctx: EvalContext) -> Outcome:
     direction = ctx.memo.get("fgsm_direction", "fgsm", batch) if isinstance(attack, FGSM) else None
     # the adversarial examples later evaluators will attribute, kept rather than attacked again
     wanted = [ev.adversarial_of(ctx) for ev in evaluators()
-              if ev.adversarial_of is not None and ev.enabled(cfg)]
+              if ev.adversarial_of is not None and ev.on(cfg)]
     keep = torch.cat(wanted).unique() if wanted else None
     res = evaluate(ctx.fast, attack, ds.x_eval, ds.y_eval, eps, batch,
                    desc=f"{cfg.attack.get('name') or 'attack'} eps={eps_label(eps, attack_norm(cfg.attack))}",

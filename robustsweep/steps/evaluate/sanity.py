@@ -29,7 +29,7 @@ from robustsweep.core import cost
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check, nonnegative_int, number_in
 from robustsweep.core.progress import heartbeat
-from robustsweep.steps.attacks import attack_kwargs, attack_norm, build_attack
+from robustsweep.steps.attacks import attack_info, attack_kwargs, attack_norm, build_attack
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 
@@ -48,8 +48,6 @@ REASONS = {
                        "ensemble) fools fewer probe images than PGD-10 by more than one image: the "
                        "attack is misconfigured or the number is not a worst case",
 }
-# Attacks that must do at least as well as PGD-10 at the same eps and norm.
-STRONGER_THAN_PGD = ("autoattack", "apgd", "ensemble")
 OWN_ATTACKS = ("fgsm", "pgd")  # attacks whose result on the probe images the cell already has
 
 
@@ -94,7 +92,7 @@ def sanity_probe(model: nn.Module, build: Callable[[float, dict[str, Any]], Call
                  attack_name: str, x: torch.Tensor, y: torch.Tensor, eps: float, tol: float,
                  pgd_steps: int = 10, seed: int = 0, known: dict[str, float] | None = None,
                  memo: Callable[[str, float, dict[str, Any], Callable[[], float]], float] | None = None,
-                 norm: str = "linf", own_asr: float | None = None) -> SanityResult:
+                 norm: str = "linf", own_asr: float | None = None, at_least_pgd: bool = False) -> SanityResult:
     """Carlini et al.'s checks on ``x`` (float [0, 1], all correctly classified).
 
     ``build(eps, overrides)`` returns an attack of the cell's kind; ``overrides`` may set
@@ -104,8 +102,8 @@ def sanity_probe(model: nn.Module, build: Callable[[float, dict[str, Any]], Call
     return a value an earlier cell computed for the same model, images, check, eps and attack
     settings (robustsweep.tracking.reuse): every check is seeded on its own, so a memoised value is the
     one ``compute()`` would give. ``norm``: the cell's (``l2``: L2 noise, PGD in L2, no FGSM check).
-    ``own_asr``: the cell's attack's ASR on these images, compared with PGD's when the attack is one
-    of ``STRONGER_THAN_PGD``.
+    ``own_asr``: the cell's attack's ASR on these images, compared with PGD's when the attack declares
+    itself ``at_least_pgd`` (robustsweep.steps.attacks.AttackInfo).
     """
     res = SanityResult(n_probe=len(y))
     if len(y) == 0 or attack_name == "none":
@@ -148,7 +146,7 @@ def sanity_probe(model: nn.Module, build: Callable[[float, dict[str, Any]], Call
     a["unbounded"] = measure("unbounded", 1.0, unb, lambda: build(1.0, unb))
     if own_asr is not None:
         a["own"] = own_asr
-        if attack_name in STRONGER_THAN_PGD and own_asr < a["pgd"] - 1.0 / len(y) - 1e-9:
+        if at_least_pgd and own_asr < a["pgd"] - 1.0 / len(y) - 1e-9:
             res.reasons.append("weaker_than_pgd")
     if a["eps0"] > 0:
         res.reasons.append("eps0_fools")
@@ -189,7 +187,7 @@ def run(ctx: EvalContext) -> Outcome:
                                                 seed=cfg.seed, **o),
             name if not cfg.attack.get("_target_") else "custom", to_float(ds.x_eval[idx]), y_probe, eps,
             cfg.checks.tol, seed=cfg.seed, known=own, memo=memo, norm=attack_norm(cfg.attack),
-            own_asr=own_asr)
+            own_asr=own_asr, at_least_pgd=attack_info(cfg.attack).at_least_pgd)
     return Outcome({**sanity.metrics(), "sanity_s": time.perf_counter() - t0}, set(sanity.reasons))
 
 

@@ -52,7 +52,8 @@ def run(ctx: EvalContext) -> Outcome:
     t0 = time.perf_counter()
     res = ctx.results["robust"].res
     batch = attack_batch_size(cfg, ds.x_eval.device)
-    overrides = {"early_stop": False} if cfg.attack.get("name") == "pgd" else {}
+    # the whole attack, not "stop at the first adversarial iterate": what transfers is the final example
+    overrides = {"early_stop": False} if "early_stop" in cfg.attack else {}
     key = ("transfer", eps, cfg.seed, attack_kwargs(cfg.attack, **overrides))
     crafted = ctx.dense_memo.get("transfer", *key)
     dense = ctx.dense()
