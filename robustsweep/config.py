@@ -27,11 +27,12 @@ from robustsweep.core.device import check_device
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, nonnegative_int, number_in, parse_epsilon, positive_int, unlocked
 from robustsweep.core.paths import CONF_DIR, resolve_path
+from robustsweep.core.registry import is_off
 from robustsweep.core.schema import DEPRECATED_PRUNE_KEYS, register_configs
 from robustsweep.steps import evaluate
 from robustsweep.steps.compress import check_compress_config
 from robustsweep.steps.data import check_data_config
-from robustsweep.steps.defend import check_defend_config, is_none
+from robustsweep.steps.defend import check_defend_config
 from robustsweep.steps.models import check_model_config
 from robustsweep.steps.prune import check_prune_config
 from robustsweep.steps.quantize import check_quantize_config
@@ -174,7 +175,7 @@ def _deprecated_finetune(cfg: DictConfig) -> None:
           "prune.finetune_lr", lr, "a number > 0 (deprecated: defend.lr)")
     if not epochs:
         return
-    check(is_none(cfg.defend), "prune.finetune_epochs", epochs,
+    check(is_off(cfg.defend), "prune.finetune_epochs", epochs,
           f"only one fine-tune: drop it and keep defend={cfg.defend.get('name')!r} (defend.epochs)")
     with unlocked(cfg):
         cfg.defend = {"name": "clean", "epochs": epochs, "lr": lr if lr is not None else 0.01}

@@ -18,7 +18,7 @@ modules import each other in one direction only. Other packages' plug-ins (entry
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -52,6 +52,20 @@ def import_callable(key: str, path: Any) -> Callable[..., Any]:
             raise ConfigError(f"{key}={path!r} is a {type(obj).__name__}, not callable; allowed: {allowed}")
         return obj
     raise ConfigError(f"{key}={path!r} is not importable ({type(err).__name__}: {err}); allowed: {allowed}")
+
+
+OFF = "none"
+
+
+def is_off(node: Any) -> bool:
+    """The one reading of "off" for every group: ``None`` (a plug-in's group not chosen), or a node
+    without ``_target_`` whose name -- ``method`` for prune and attribution, the key they are chosen
+    by -- is ``none``. A node without either key (``train``, ``compress``) is never off."""
+    if node is None:
+        return True
+    if not isinstance(node, Mapping) or node.get(TARGET):
+        return False
+    return OFF in (node.get("name"), node.get("method"))
 
 
 class Registry(dict[str, F], Generic[F]):

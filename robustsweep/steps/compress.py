@@ -27,6 +27,7 @@ from torch import nn
 
 from robustsweep.core import plugins
 from robustsweep.core.params import check
+from robustsweep.core.registry import is_off
 from robustsweep.core.stats import mcnemar, paired_bootstrap
 from robustsweep.steps import hydra
 from robustsweep.steps.channel import remove_channels
@@ -43,7 +44,7 @@ from robustsweep.steps.prune import (
     select_targets,
 )
 from robustsweep.steps.quantize import METRICS as QUANT_METRICS
-from robustsweep.steps.quantize import QUANTIZERS, is_none
+from robustsweep.steps.quantize import QUANTIZERS
 from robustsweep.steps.train import correct
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def quantize_stage(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Fin
     """``quantize.*``: post-training quantization, applied in finalize -- after pruning's masks are
     folded in and after any fine-tune -- so it quantizes the model that would be shipped."""
     node = cfg.get("quantize")
-    if is_none(node):
+    if is_off(node):
         return Stage(changed=False)
     fn = QUANTIZERS.resolve(node)
     n_calib = int(node.get("n_calib") or 0)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from robustsweep.core.params import check, nonnegative_int, positive_int, positive_number
+from robustsweep.core.registry import is_off
 from robustsweep.steps.data import Dataset
 from robustsweep.steps.train import OBJECTIVES, train_model
 
@@ -25,13 +26,9 @@ log = logging.getLogger(__name__)
 NONE = "none"
 
 
-def is_none(node: DictConfig | None) -> bool:
-    return node is None or node.get("name", NONE) == NONE
-
-
 def check_defend_config(cfg: DictConfig) -> None:
     node = cfg.defend  # a config node: validate() checks that before asking the components
-    if is_none(node):
+    if is_off(node):
         nonnegative_int(cfg, "defend.epochs")
         return
     check(node.get("name") in OBJECTIVES or bool(node.get("_target_")), "defend.name", node.get("name"),
@@ -44,7 +41,7 @@ def check_defend_config(cfg: DictConfig) -> None:
 def defend(model: nn.Module, cfg: DictConfig, ds: Dataset, changed: bool) -> None:
     """Fine-tune ``model`` in place when ``defend`` asks for it and compression ``changed`` it."""
     node = cfg.defend
-    if is_none(node) or not changed:
+    if is_off(node) or not changed:
         return
     log.info("defend: fine-tuning the compressed model with objective %s for %d epoch(s), lr %g",
              OBJECTIVES.name_of(node), node.epochs, node.lr)

@@ -57,10 +57,6 @@ METRICS = ("quant_bits", "quant_levels_max", "quant_calib_s")
 BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
 
 
-def is_none(node: DictConfig | None) -> bool:
-    return node is None or (node.get("name") in (None, "none") and not node.get("_target_"))
-
-
 @register_quantizer("none")
 def _none(model: nn.Module, node: DictConfig, calib: Calib) -> dict[str, float]:
     return {}

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustsweep.core import plugins
 from robustsweep.core.device import amp_name
 from robustsweep.core.params import parse_epsilon
+from robustsweep.core.registry import is_off
 
 # config nodes that cannot change a cell's numbers (checks only add sanity metrics and tags;
 # perf.* changes how fast, not what: only perf.amp, bf16 arithmetic, can change a result;
@@ -40,8 +41,7 @@ LATER_KEYS = (("compress", "bn_recalibrate", 0, ()), ("prune", "schedule", "ones
 
 
 def _is_neutral(node: Any) -> bool:
-    return (isinstance(node, dict) and not node.get(TARGET)
-            and NEUTRAL in (node.get("name"), node.get("method")))
+    return isinstance(node, dict) and is_off(node)
 
 
 def _base(cfg: DictConfig) -> dict[str, Any]:

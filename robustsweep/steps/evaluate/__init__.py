@@ -32,6 +32,7 @@ from torch import nn
 from robustsweep.core import plugins
 from robustsweep.core.cost import Work
 from robustsweep.core.errors import ConfigError
+from robustsweep.core.registry import is_off
 
 
 class Memo(Protocol):
@@ -124,7 +125,11 @@ class Evaluator:
     metric_prefixes: tuple[str, ...] = ()
     reasons: dict[str, str] = field(default_factory=dict)  # suspect reason -> what it means
     reads: tuple[str, ...] = ()  # evaluators whose Outcome.shared it reads (they run first)
+    # a condition beyond its group being on (robustsweep.core.registry.is_off), e.g. "the attack is on"
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
+    # whether its group's "off" turns it off: not for the clean/robust accuracy (attack=none still
+    # measures the clean accuracy) and the paired comparison, which the attack group configures
+    optional: bool = True
     check: Callable[[DictConfig], None] | None = None  # its own key checks (validate asks)
     # The positions in the evaluation subset whose adversarial examples it will ask the robust
     # evaluator for (``Robust.adversarial``): kept from the evaluation itself, not attacked again.
@@ -134,9 +139,9 @@ class Evaluator:
     work: Callable[[DictConfig, CellShape], WorkItems | None] | None = None
 
     def on(self, cfg: DictConfig) -> bool:
-        """Whether it runs in this cell: its group chosen (a plug-in's group is None until
-        ``+group=option``) and ``enabled``."""
-        return cfg.get(self.group) is not None and self.enabled(cfg)
+        """Whether it runs in this cell: its group not off (robustsweep.core.registry.is_off: ``none``,
+        or a plug-in's group not chosen) and ``enabled``."""
+        return (not self.optional or not is_off(cfg.get(self.group))) and self.enabled(cfg)
 
 
 EVALUATORS: dict[str, Evaluator] = {}

@@ -314,5 +314,4 @@ register_evaluator(Evaluator(
     metrics=("certified_acc", "n_certified", "certified_gap", "certified_radius_mean", "abstain_rate",
              "smoothed_acc", "certify_s", "smoothed_robust_acc", "smoothing_violations", "smooth_adv_s"),
     metric_prefixes=("certified_acc_at_",),
-    enabled=lambda cfg: cfg.certify.get("name", "none") != "none",
 ))

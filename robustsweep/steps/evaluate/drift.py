@@ -282,6 +282,5 @@ register_evaluator(Evaluator(
     reasons={"attribution_insensitive": "attribution maps of a re-initialised model correlate with "
                                         "the trained model's (Adebayo et al. 2018): they show the "
                                         "input, not the model"},
-    enabled=lambda cfg: cfg.drift.get("name", "none") != "none",
     adversarial_of=lambda ctx: torch.arange(min(int(ctx.cfg.drift.n_images), len(ctx.ds.eval_idx))),
 ))

@@ -179,5 +179,4 @@ register_evaluator(Evaluator(
     name="min_norm", group="min_norm", run=run, reads=("robust",), check=_check,
     metrics=("min_norm_median", "min_norm_robust_acc_at_eps", "min_norm_n_inf", "min_norm_eps_max",
              "min_norm_s"),
-    enabled=lambda cfg: cfg.min_norm.get("name") == "bisect",
 ))

@@ -178,5 +178,6 @@ def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
     return [(("reference", cell.dense, cell.attack), cell.attack_work * n + Work(fwd=2 * n))]
 
 
-register_evaluator(Evaluator(name="paired", group="attack", run=run, reads=("robust",), metrics=METRICS,
+register_evaluator(Evaluator(name="paired", group="attack", optional=False, run=run, reads=("robust",),
+                             metrics=METRICS,
                              work=_work))

@@ -177,7 +177,8 @@ def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
 
 
 register_evaluator(Evaluator(
-    name="robust", work=_work, group="attack", run=run, check=lambda cfg: check_attack_config(cfg.attack, cfg),
+    name="robust", work=_work, group="attack", optional=False, run=run,
+    check=lambda cfg: check_attack_config(cfg.attack, cfg),
     metrics=("clean_acc", "robust_acc", "asr", "n_eval", "n_correct", "n_fooled", "attack_s",
              "attack_n_grad", "guard_n_batches", "guard_max_dist", "n_pred_classes", "collapsed"),
     metric_prefixes=("broken_by_",),

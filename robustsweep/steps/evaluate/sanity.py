@@ -29,6 +29,7 @@ from robustsweep.core import cost
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check, nonnegative_int, number_in
 from robustsweep.core.progress import heartbeat
+from robustsweep.core.registry import is_off
 from robustsweep.steps.attacks import attack_info, attack_kwargs, attack_norm, build_attack
 from robustsweep.steps.data import to_float
 from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
@@ -210,6 +211,6 @@ register_evaluator(Evaluator(
     name="sanity", work=_work, group="checks", run=run, reads=("robust",), reasons=REASONS, check=_check,
     metrics=("sanity_n_probe", "sanity_asr_eps0", "sanity_asr_noise", "sanity_asr_fgsm",
              "sanity_asr_pgd", "sanity_asr_unbounded", "sanity_asr_own", "sanity_s"),
-    enabled=lambda cfg: bool(cfg.checks.sanity) and cfg.attack.get("name") != "none"
+    enabled=lambda cfg: bool(cfg.checks.sanity) and not is_off(cfg.attack)
     and cfg.checks.n_probe > 0,
 ))

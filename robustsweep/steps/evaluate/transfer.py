@@ -29,6 +29,7 @@ from robustsweep.core.device import attack_batch_size
 from robustsweep.core.guards import attack_checked, frozen
 from robustsweep.core.params import check
 from robustsweep.core.progress import progress
+from robustsweep.core.registry import is_off
 from robustsweep.steps.attacks import as_pixels, attack_kwargs, build_attack, predict
 from robustsweep.steps.evaluate import CellShape, EvalContext, Evaluator, Outcome, WorkItems, register_evaluator
 
@@ -99,5 +100,5 @@ def _work(cfg: DictConfig, cell: CellShape) -> WorkItems | None:
 register_evaluator(Evaluator(
     name="transfer", work=_work, group="transfer", run=run, reads=("robust",), check=_check,
     metrics=("transfer_asr", "transfer_robust_acc", "transfer_source_asr", "transfer_s"),
-    enabled=lambda cfg: cfg.transfer.get("name") == "dense" and cfg.attack.get("name") != "none",
+    enabled=lambda cfg: not is_off(cfg.attack),
 ))
