@@ -39,8 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="a line for the page's provenance card (how the data was made)")
     ap.add_argument("--against", action="append", default=[], metavar="ROW",
                     help="also compare every row with this one (its label in the page's tables), paired")
+    ap.add_argument("--claim", action="append", default=[], metavar="'ATTACK EPS | ROWS | DELTA | LOW | HIGH'",
+                    help="judge a claimed range (points) of a difference against its interval, e.g. "
+                         "'fgsm 8/255 | 0.75 | delta_asr_common | 30 | 45'")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from robustsweep.writeup import Claim
+
+    try:
+        claims = [Claim.parse(c) for c in args.claim]
+    except ValueError as e:
+        log.error("%s", e)  # before reading anything
+        return 2
 
     from robustsweep.summary import SummaryError, experiment_cells, write_summary
     from robustsweep.tracking.sweep import ROLE_TAG
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = write_summary(client, pid or "", out, cells=cells)
         studies = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1000)
         page = write_page(client, exp.name, cells, out, studies=studies, note=args.note,
-                          against_labels=args.against)
+                          against_labels=args.against, claims=claims)
         log.info("results page: %s", page)
         if args.log_to_parent:
             if pid is None:

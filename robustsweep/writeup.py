@@ -73,6 +73,64 @@ class Condition:
         return _uncompressed(self.first)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claimed range for one difference (in points) under one attack and budget, for the rows
+    whose label contains ``rows``: ``"fgsm 8/255 | 0.75 | delta_asr_common | 30 | 45"``."""
+
+    attack: str  # attack label and eps as the page's headings write them: "fgsm 8/255"
+    rows: str  # a substring of the row labels it is about ("0.75": every method at 75 %)
+    metric: str  # one of DELTAS
+    low: float  # the claimed range, points
+    high: float
+
+    @classmethod
+    def parse(cls, text: str) -> Claim:
+        parts = [p.strip() for p in text.split("|")]
+        allowed = ("'ATTACK EPS | ROW SUBSTRING | DELTA | LOW | HIGH' (points), e.g. "
+                   "'fgsm 8/255 | 0.75 | delta_asr_common | 30 | 45'; DELTA one of "
+                   + ", ".join(d for d, _ in DELTAS))
+        try:
+            attack, rows, metric, low, high = parts
+            claim = cls(attack, rows, metric, float(low), float(high))
+        except ValueError:
+            raise ValueError(f"--claim {text!r} is not valid; allowed: {allowed}") from None
+        if metric not in dict(DELTAS) or claim.low > claim.high:
+            raise ValueError(f"--claim {text!r} is not valid; allowed: {allowed}")
+        return claim
+
+    def judge(self, d: float, lo: float, hi: float) -> str:
+        """From the interval only: inside the claimed range, outside it, or overlapping it."""
+        lo, hi, d = lo * 100, hi * 100, d * 100
+        rng = f"[{self.low:+.1f}, {self.high:+.1f}]"
+        got = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+        if math.isnan(lo) or math.isnan(hi):
+            return f"not measurable ({got})"
+        if self.low <= lo and hi <= self.high:
+            return f"**consistent**: the whole interval {got} is inside the claimed {rng}"
+        if hi < self.low or lo > self.high:
+            return f"**refuted**: the interval {got} lies outside the claimed {rng}"
+        return f"**inconclusive**: the interval {got} overlaps the claimed {rng} and extends beyond it"
+
+
+def judge_claims(claims: list[Claim], conds: list[Condition], varying: list[str]) -> list[str]:
+    """One line per claim and matching row: the verdict of its interval against the claimed range."""
+    lines = []
+    for cl in claims:
+        rows = [c for c in conds if f"{attack_label(c.first)} {_eps(c.first)}" == cl.attack
+                and cl.rows in _row_label(c.first, varying) and not c.is_reference]
+        what = dict(DELTAS)[cl.metric]
+        if not rows:
+            lines.append(f"- {cl.attack}, rows with '{cl.rows}', {what}: no such row in this experiment")
+        for c in rows:
+            t = c.deltas.get(cl.metric)
+            said = cl.judge(*t) if t else "no paired difference logged"
+            lines.append(f"- {cl.attack}, {_row_label(c.first, varying)} ({len(c.seeds)} seed"
+                         f"{'s' if len(c.seeds) > 1 else ''}), change in {what}: {said}"
+                         + (" († collapsed model)" if _collapsed(c) else ""))
+    return lines
+
+
 def verdict(what: str, d: float, lo: float, hi: float) -> str:
     """One sentence from an interval (fractions in, points out)."""
     if any(math.isnan(v) for v in (d, lo, hi)):
@@ -330,7 +388,7 @@ def _when(ms: int | None) -> str:
 
 def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_dir: Path, *,
                studies: list[Any] = (), note: str = "", command: str | None = None,
-               against_labels: list[str] = ()) -> Path:
+               against_labels: list[str] = (), claims: list[Claim] = ()) -> Path:
     """``out_dir/README.md``: one table per attack and eps, verdicts, cliff studies, provenance; and
     ``out_dir/conditions.csv``: the same per condition, for a program."""
     conds = conditions(client, cells)
@@ -373,6 +431,10 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
                                 f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
         lines.append("")
     lines += ["## Verdicts", "", *(verdicts or ["- no compressed cell with a reference comparison"]), ""]
+    if claims:
+        lines += ["## Claims", "", "Each claimed range (points) against the 95 % interval of the difference: "
+                  "consistent only when the whole interval is inside it, refuted only when the whole "
+                  "interval is outside it.", "", *judge_claims(list(claims), conds, varying), ""]
     for label in against_labels:
         lines += against(client, conds, label, varying)
     other = _other_intervals(conds, varying)

@@ -41,9 +41,13 @@ def _report(root: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
     p = _report(store, "--experiment", "study", "--out", str(tmp_path / "page"), "--note", "digits, as bundled",
-                "--against", "dense")
+                "--against", "dense", "--claim", "fgsm 0.1 | 0.75 | delta_clean_acc | -100 | 100",
+                "--claim", "fgsm 0.1 | 0.75 | delta_clean_acc | 200 | 300")
     assert p.returncode == 0, p.stderr
     page = (tmp_path / "page" / "README.md").read_text()
+    claims = page.split("## Claims")[1].split("##")[0]
+    assert "l1_unstructured 0.75 (2 seeds), change in clean accuracy: **consistent**" in claims
+    assert "**refuted**" in claims
     # the dense row as the baseline of a comparison gives the same differences as the reference columns
     main, vs = page.split("## Against dense")
     row = next(line for line in main.splitlines() if line.startswith("| l1_unstructured 0.75"))
@@ -128,3 +132,18 @@ def test_an_older_cell_is_compared_with_its_reference_in_the_store(store, tmp_pa
         assert "computed by the report against stored reference" in page
     finally:
         client.delete_run(old.info.run_id)
+
+
+def test_a_claim_is_judged_by_its_interval_only():
+    from robustsweep.writeup import Claim
+
+    c = Claim.parse("fgsm 8/255 | 0.75 | delta_asr_common | 30 | 45")
+    assert (c.attack, c.rows, c.metric, c.low, c.high) == ("fgsm 8/255", "0.75", "delta_asr_common", 30, 45)
+    assert c.judge(0.38, 0.32, 0.44).startswith("**consistent**")
+    assert c.judge(0.10, 0.05, 0.15).startswith("**refuted**")
+    assert c.judge(0.40, 0.20, 0.50).startswith("**inconclusive**")  # the point inside is not enough
+    assert c.judge(0.28, 0.26, 0.31).startswith("**inconclusive**")
+    for bad in ("fgsm 8/255 | 0.75 | asr | 30 | 45", "fgsm | 0.75 | delta_asr_common | 30",
+                "fgsm 8/255 | 0.75 | delta_clean_acc | -3 | -8"):
+        with pytest.raises(ValueError, match="allowed: 'ATTACK EPS"):
+            Claim.parse(bad)

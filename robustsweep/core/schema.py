@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from robustsweep.core import plugins
+from robustsweep.core.paths import CONF_DIR
 
 # Fine-tuning after compression lived in prune.* until the `defend` group replaced it. The old
 # keys stay accepted (robustsweep.config normalises them into `defend` with a deprecation warning,
@@ -157,21 +158,28 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-def _with_plugin_groups(base: type) -> type:
-    """``base`` plus one ``Any = None`` key per new config group that an installed plug-in declares
-    (robustsweep.core.plugins): None until ``+group=option`` chooses one, which is "off" and is not
-    part of a cell's identity. Same name and module as ``base``, so a pickled config (a worker
-    process's job) finds it."""
-    have = {f.name for f in fields(base)}
-    new = [g for g in plugins.groups() if g not in have and g.isidentifier()]
-    if not new:
+# conf/ folders that are not keys of the config: Hydra's own, and overlays (# @package _global_)
+NOT_KEYS = ("hydra", "experiment")
+# Config groups the schema above does not name: a conf/ folder added since (a new evaluator or
+# compression stage of robustsweep's own) or the group of an installed plug-in
+# (robustsweep.core.plugins). Each is a key that is None -- off, and not part of a cell's identity --
+# until ``+group=option`` chooses an option; listing it in conf/config.yaml's defaults is optional.
+OPTIONAL_GROUPS = tuple(g for g in dict.fromkeys(
+    [*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in NOT_KEYS), *plugins.groups()])
+    if g.isidentifier() and g not in {f.name for f in fields(Config)})
+
+
+def _with_groups(base: type, groups: tuple[str, ...]) -> type:
+    """``base`` plus an ``Any = None`` key per group. Same name and module as ``base``, so a pickled
+    config (a worker process's job) finds it."""
+    if not groups:
         return base
-    cls = make_dataclass(base.__name__, [(g, Any, field(default=None)) for g in new], bases=(base,))
+    cls = make_dataclass(base.__name__, [(g, Any, field(default=None)) for g in groups], bases=(base,))
     cls.__module__, cls.__qualname__, cls.__doc__ = base.__module__, base.__qualname__, base.__doc__
     return cls
 
 
-Config = _with_plugin_groups(Config)
+Config = _with_groups(Config, OPTIONAL_GROUPS)
 
 LAUNCH_ENV = "ROBUSTSWEEP_LAUNCH_ID"
 

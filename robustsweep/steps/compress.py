@@ -28,6 +28,7 @@ from torch import nn
 from robustsweep.core import plugins
 from robustsweep.core.params import check
 from robustsweep.core.registry import is_off
+from robustsweep.core.schema import OPTIONAL_GROUPS
 from robustsweep.core.stats import mcnemar, paired_bootstrap
 from robustsweep.steps import hydra
 from robustsweep.steps.channel import remove_channels
@@ -274,7 +275,7 @@ def compress(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune 
     ``finetune``: the defend step (gradual pruning calls it between its steps). A stage whose group
     the config does not have (a plug-in's, not chosen) is skipped."""
     return [spec.fn(model, cfg, ds, finetune or (lambda: None)) for spec in stages()
-            if cfg.get(spec.group) is not None or spec.group not in plugins.groups()]
+            if cfg.get(spec.group) is not None or spec.group not in OPTIONAL_GROUPS]
 
 
 def finalize(stages: list[Stage]) -> dict[str, float]:

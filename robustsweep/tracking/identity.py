@@ -2,8 +2,8 @@
 
 ``canonical(cfg)`` is the resolved config minus what cannot change a result (``NOT_RESULTS``: paths,
 tracking, Hydra, search, checks, efficiency, perf except ``perf.amp``; ``attack.norm`` when it is
-``linf``, the only norm before the key existed; ``LATER_KEYS`` at their neutral value; a plug-in's
-group that is not chosen, robustsweep.core.plugins) and minus every step at its neutral default (a
+``linf``, the only norm before the key existed; ``LATER_KEYS`` at their neutral value; an optional
+group that is not chosen, ``core.schema.OPTIONAL_GROUPS``) and minus every step at its neutral default (a
 group node whose ``name``/``method`` is ``none``). So a new config group whose default is ``none``
 leaves every existing ``cell_id`` unchanged, and a user's store keeps resuming. ``cell_id`` hashes
 it; the per-process reuse keys (robustsweep.tracking.reuse) derive from it too, so a key can never
@@ -22,10 +22,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.core import plugins
 from robustsweep.core.device import amp_name
 from robustsweep.core.params import parse_epsilon
 from robustsweep.core.registry import is_off
+from robustsweep.core.schema import OPTIONAL_GROUPS
 
 # config nodes that cannot change a cell's numbers (checks only add sanity metrics and tags;
 # perf.* changes how fast, not what: only perf.amp, bf16 arithmetic, can change a result;
@@ -49,7 +49,7 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=False)
     for k in NOT_RESULTS:
         c.pop(k, None)
-    for k in plugins.groups():  # a plug-in's group not chosen (None): as if not installed
+    for k in OPTIONAL_GROUPS:  # a group not chosen (None): as if it did not exist
         if c.get(k, 0) is None:
             c.pop(k)
     norm = (c.get("attack") or {}).get("norm") if isinstance(c.get("attack"), dict) else None

@@ -33,6 +33,7 @@ from robustsweep.core import plugins
 from robustsweep.core.cost import Work
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.registry import is_off
+from robustsweep.core.schema import OPTIONAL_GROUPS
 
 
 class Memo(Protocol):
@@ -188,8 +189,8 @@ def declared_reasons() -> dict[str, str]:
 def check_config(cfg: DictConfig) -> None:
     """Each evaluator's own key checks; its group must be a config node."""
     for ev in evaluators():
-        if cfg.get(ev.group) is None and ev.group in plugins.groups():
-            continue  # a plug-in's group not chosen (+group=option): off
+        if cfg.get(ev.group) is None and ev.group in OPTIONAL_GROUPS:
+            continue  # an optional group not chosen (+group=option): off
         if not isinstance(cfg.get(ev.group), DictConfig):
             raise ConfigError(f"{ev.group}={cfg.get(ev.group)!r} is not valid; allowed: a config group, "
                               f"pick one with {ev.group}=<option>")
