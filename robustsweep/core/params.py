@@ -68,29 +68,41 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def positive_int(cfg: DictConfig, key: str) -> None:
-    """``cfg.<key>`` is an integer > 0 (``key`` is a dotted path, reported as given)."""
-    value = OmegaConf.select(cfg, key)
-    check(_is_int(value) and value > 0, key, value, "an integer > 0")
+def key_of(node: DictConfig, key: str) -> str:
+    """``key`` of ``node`` as the user writes it on the command line: its full dotted path in the
+    config the node is part of (``attack.steps``; ``attack.attacks[1].steps`` for an ensemble's
+    member; ``defend.epochs``), so a component checks its own node and the error names the key the
+    framework knows. A node outside any config: ``key`` itself."""
+    try:
+        return str(node._get_full_key(key)) or key  # OmegaConf's own path of the node (no public API)
+    except Exception:
+        return key
 
 
-def nonnegative_int(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    check(_is_int(value) and value >= 0, key, value, "an integer >= 0")
+def positive_int(node: DictConfig, key: str) -> None:
+    """``node.<key>`` is an integer > 0 (``key`` relative to ``node``, or dotted from the root;
+    reported by its full path, ``key_of``)."""
+    value = OmegaConf.select(node, key)
+    check(_is_int(value) and value > 0, key_of(node, key), value, "an integer > 0")
 
 
-def number_in(cfg: DictConfig, key: str, lo: float, hi: float, allowed: str,
+def nonnegative_int(node: DictConfig, key: str) -> None:
+    value = OmegaConf.select(node, key)
+    check(_is_int(value) and value >= 0, key_of(node, key), value, "an integer >= 0")
+
+
+def number_in(node: DictConfig, key: str, lo: float, hi: float, allowed: str,
               low_open: bool = False, high_open: bool = False) -> None:
-    """``cfg.<key>`` is a real number in the interval [lo, hi] (ends open as asked)."""
-    value = OmegaConf.select(cfg, key)
+    """``node.<key>`` is a real number in the interval [lo, hi] (ends open as asked)."""
+    value = OmegaConf.select(node, key)
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
     if ok:
         ok = (value > lo if low_open else value >= lo) and (value < hi if high_open else value <= hi)
-    check(ok, key, value, allowed)
+    check(ok, key_of(node, key), value, allowed)
 
 
-def positive_number(cfg: DictConfig, key: str) -> None:
-    number_in(cfg, key, 0.0, math.inf, "a number > 0", low_open=True)
+def positive_number(node: DictConfig, key: str) -> None:
+    number_in(node, key, 0.0, math.inf, "a number > 0", low_open=True)
 
 
 @contextlib.contextmanager

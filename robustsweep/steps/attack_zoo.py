@@ -37,7 +37,7 @@ from torch import nn
 
 from robustsweep.core import cost
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.params import check, number_in, positive_int, unlocked
+from robustsweep.core.params import check, key_of, number_in, positive_int
 from robustsweep.steps.attacks import (
     ATTACKS,
     NORMS,
@@ -77,13 +77,15 @@ def _n_classes(n_classes: int | None, name: str, need: str = "targeted") -> int:
     return n_classes
 
 
-def _check_classes(cfg: DictConfig, name: str, need: str) -> None:
-    """Before any run: the data has enough classes for ``name``'s loss (``shape_hint`` counts an
+def _check_classes(node: DictConfig, cfg: DictConfig, need: str) -> None:
+    """Before any run: the data has enough classes for the attack's loss (``shape_hint`` counts an
     image folder's class folders without decoding anything)."""
     least, why = MIN_CLASSES[need]
     k = shape_hint(cfg.data)[2]
     if k < least:
-        raise ConfigError(f"attack={name} needs a dataset with at least {least} classes ({why}); data="
+        where = key_of(node, "name").removesuffix(".name")  # attack, or attack.attacks[1]
+        name = node.get("name") + (f" {key_of(node, 'loss')}={node.get('loss')}" if need == "apgd-dlr" else "")
+        raise ConfigError(f"{where}={name} needs a dataset with at least {least} classes ({why}); data="
                           f"{cfg.data.get('name')!r} has {k}. Allowed with {k} class(es): an untargeted "
                           f"margin-free attack, e.g. attack=pgd, attack=fgsm, attack=apgd attack.loss=ce"
                           + (", attack=square" if k >= 2 else ""))
@@ -169,14 +171,14 @@ def autoattack_components(model: nn.Module, eps: float, norm: str, n_classes: in
 
 
 def _check_autoattack(node: DictConfig, cfg: DictConfig) -> None:
-    check(node.get("version", "standard") in AA_VERSIONS, "attack.version", node.get("version"),
+    check(node.get("version", "standard") in AA_VERSIONS, key_of(node, "version"), node.get("version"),
           " or ".join(AA_VERSIONS))
-    positive_int(cfg, "attack.steps")
-    check(node.get("prefilter", "none") in AA_PREFILTERS, "attack.prefilter", node.get("prefilter"),
+    positive_int(node, "steps")
+    check(node.get("prefilter", "none") in AA_PREFILTERS, key_of(node, "prefilter"), node.get("prefilter"),
           " or ".join(AA_PREFILTERS))
     if node.get("prefilter", "none") != "none":
-        positive_int(cfg, "attack.prefilter_steps")
-    _check_classes(cfg, "autoattack", "autoattack")
+        positive_int(node, "prefilter_steps")
+    _check_classes(node, cfg, "autoattack")
 
 
 # Gradient passes of one FAB iteration: the Jacobian of two logits (FAB-T's target and the label).
@@ -216,11 +218,12 @@ def autoattack(model: nn.Module, eps: float, norm: str = "linf", version: str = 
 
 
 def _check_apgd(node: DictConfig, cfg: DictConfig) -> None:
-    check(node.get("loss", "ce") in APGD_LOSSES, "attack.loss", node.get("loss"), " or ".join(APGD_LOSSES))
-    positive_int(cfg, "attack.steps")
-    positive_int(cfg, "attack.n_restarts")
+    check(node.get("loss", "ce") in APGD_LOSSES, key_of(node, "loss"), node.get("loss"),
+          " or ".join(APGD_LOSSES))
+    positive_int(node, "steps")
+    positive_int(node, "n_restarts")
     if node.get("loss", "ce") == "dlr":
-        _check_classes(cfg, "apgd attack.loss=dlr", "apgd-dlr")
+        _check_classes(node, cfg, "apgd-dlr")
 
 
 @register_attack("apgd", check=_check_apgd, info=AttackInfo(norms=("linf", "l2"), at_least_pgd=True),
@@ -236,8 +239,8 @@ def apgd(model: nn.Module, eps: float, norm: str = "linf", loss: str = "ce", ste
 
 
 def _check_square(node: DictConfig, cfg: DictConfig) -> None:
-    positive_int(cfg, "attack.n_queries")
-    positive_int(cfg, "attack.n_restarts")
+    positive_int(node, "n_queries")
+    positive_int(node, "n_restarts")
 
 
 @register_attack("square", check=_check_square, info=AttackInfo(norms=("linf", "l2")),
@@ -254,10 +257,10 @@ def square(model: nn.Module, eps: float, norm: str = "linf", n_queries: int = 50
 
 
 def _check_cw(node: DictConfig, cfg: DictConfig) -> None:
-    positive_int(cfg, "attack.steps")
+    positive_int(node, "steps")
     for key in ("c", "lr"):
-        number_in(cfg, f"attack.{key}", 0.0, math.inf, "a number > 0", low_open=True)
-    number_in(cfg, "attack.kappa", 0.0, math.inf, "a number >= 0")
+        number_in(node, key, 0.0, math.inf, "a number > 0", low_open=True)
+    number_in(node, "kappa", 0.0, math.inf, "a number >= 0")
 
 
 @register_attack("cw", check=_check_cw, work=lambda node: cost.grad_range(int(node.get("steps", 100))),
@@ -289,21 +292,8 @@ def _check_ensemble(node: DictConfig, cfg: DictConfig) -> None:
             check(attack_norm(m) == norm or "norm" not in m, f"{key}.norm", m.get("norm"),
                   f"the ensemble's norm ({norm}): every member attacks the same ball")
             if (own := ATTACKS.checks.get(m.get("name"))) is not None:
-                _member_check(own, m, cfg, key)
+                own(m, cfg)  # the member's own checks on its node: errors name attack.attacks[i].<key>
         check_norm({**m, "norm": norm}, key)
-
-
-def _member_check(own: Callable[[DictConfig, DictConfig], None], member: DictConfig, cfg: DictConfig,
-                  key: str) -> None:
-    """A member's own checks, which read ``cfg.attack``: run on a copy whose attack is the member,
-    their error naming the member's key (``attack.attacks[1].steps``, not ``attack.steps``)."""
-    sub = cfg.copy()
-    with unlocked(sub):
-        sub.attack = member
-    try:
-        own(sub.attack, sub)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("attack.", f"{key}.", 1)) from None
 
 
 def _ensemble_work(node: DictConfig) -> cost.Work | None:

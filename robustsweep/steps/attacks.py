@@ -44,7 +44,7 @@ from torch import nn
 
 from robustsweep.core import cost
 from robustsweep.core.guards import attack_checked, check_unit_range, frozen
-from robustsweep.core.params import check, parse_epsilon, positive_int
+from robustsweep.core.params import check, key_of, parse_epsilon, positive_int
 from robustsweep.core.progress import heartbeat, progress
 from robustsweep.core.registry import TARGET, Registry
 from robustsweep.steps.data import to_float
@@ -235,8 +235,8 @@ def fgsm(model: nn.Module, eps: float, **_: object) -> FGSM:
 
 
 def _check_pgd(node: DictConfig, cfg: DictConfig) -> None:
-    positive_int(cfg, "attack.steps")
-    check(isinstance(node.get("early_stop", False), bool), "attack.early_stop", node.get("early_stop"),
+    positive_int(node, "steps")
+    check(isinstance(node.get("early_stop", False), bool), key_of(node, "early_stop"), node.get("early_stop"),
           "true or false")
     step = node.get("step_size")
     if step is not None:
@@ -245,11 +245,11 @@ def _check_pgd(node: DictConfig, cfg: DictConfig) -> None:
             value = parse_epsilon(step, attack_norm(node))
         except ValueError:
             value = -1.0
-        check(value > 0, "attack.step_size", step, allowed)
+        check(value > 0, key_of(node, "step_size"), step, allowed)
         # A step larger than the ball is clipped back every step: PGD degenerates into
         # projected sign noise. Almost always a mix-up of eps and step (2/255 vs 8/255).
         eps = parse_epsilon(cfg.epsilon, attack_norm(node))
-        check(value <= eps or eps == 0, "attack.step_size", step,
+        check(value <= eps or eps == 0, key_of(node, "step_size"), step,
               f"a step <= epsilon ({eps:.6g}); or null to scale with epsilon (2.5*eps/steps)")
 
 

@@ -55,7 +55,7 @@ def _check_channel(node: DictConfig, cfg: DictConfig) -> None:
     on the network built on the meta device: shapes only)."""
     check(node.get("importance", "l1") in IMPORTANCES, "prune.importance", node.get("importance"),
           " or ".join(IMPORTANCES))
-    positive_int(cfg, "prune.n_calib")
+    positive_int(cfg.prune, "n_calib")
     check(list(node.get("layers") or ["conv"]) == ["conv"], "prune.layers", list(node.get("layers") or []),
           "[conv] (prune=channel removes convolution output channels; a linear head's outputs are classes)")
     exclude = list(node.get("exclude") or [])

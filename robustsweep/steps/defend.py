@@ -29,13 +29,13 @@ NONE = "none"
 def check_defend_config(cfg: DictConfig) -> None:
     node = cfg.defend  # a config node: validate() checks that before asking the components
     if is_off(node):
-        nonnegative_int(cfg, "defend.epochs")
+        nonnegative_int(cfg.defend, "epochs")
         return
     check(node.get("name") in OBJECTIVES or bool(node.get("_target_")), "defend.name", node.get("name"),
           f"{NONE}, {', '.join(sorted(OBJECTIVES))}")
     OBJECTIVES.validate(node, cfg)
-    positive_int(cfg, "defend.epochs")
-    positive_number(cfg, "defend.lr")
+    positive_int(cfg.defend, "epochs")
+    positive_number(cfg.defend, "lr")
 
 
 def defend(model: nn.Module, cfg: DictConfig, ds: Dataset, changed: bool) -> None:

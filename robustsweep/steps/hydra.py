@@ -135,8 +135,8 @@ def train_scores(model: nn.Module, targets: Targets, amount: float, node: DictCo
 def _check_hydra(node: DictConfig, cfg: DictConfig) -> None:
     """score_epochs > 0, score_lr > 0, a known scope, and a defend objective whose loss trains
     the scores (it also fine-tunes afterwards)."""
-    positive_int(cfg, "prune.score_epochs")
-    positive_number(cfg, "prune.score_lr")
+    positive_int(cfg.prune, "score_epochs")
+    positive_number(cfg.prune, "score_lr")
     check(node.get("scope", "layer") in SCOPES, "prune.scope", node.get("scope"), " or ".join(SCOPES))
     defend = cfg.get("defend")
     name = defend.get("name") if isinstance(defend, DictConfig) else None

@@ -53,7 +53,7 @@ from torch import nn
 
 from robustsweep.core import cost
 from robustsweep.core.errors import ConfigError
-from robustsweep.core.params import check, number_in, parse_epsilon, positive_int, positive_number
+from robustsweep.core.params import check, key_of, number_in, parse_epsilon, positive_int, positive_number
 from robustsweep.steps.attacks import PGD, attack_norm
 from robustsweep.steps.bounds import BoundError, batch_stats, check_supported, ibp_margins, network_for_checks
 from robustsweep.steps.data import Dataset
@@ -62,11 +62,6 @@ from robustsweep.steps.train import Loss, register_objective, train_model
 log = logging.getLogger(__name__)
 BN_MODES = ("train", "eval")
 WARN_RATIO = 4.0  # warn when the evaluation eps is this many times smaller than the training eps
-
-
-def prefix(node: DictConfig, cfg: DictConfig) -> str:
-    """The group a node was chosen in, for error messages: ``defend`` or ``objective``."""
-    return "defend" if cfg.get("defend") is not None and node is cfg.defend else "objective"
 
 
 @contextlib.contextmanager
@@ -86,21 +81,20 @@ def _eps(node: DictConfig, key: str = "eps") -> float:
 
 def _check_eps(node: DictConfig, cfg: DictConfig, *, step_key: str | None) -> None:
     """The inner budget, its step and bn_mode; warn when the evaluation eps is much smaller."""
-    pre = prefix(node, cfg)
     allowed = "a budget in (0, 1] in pixel units (L-inf), e.g. 8/255"
     try:
         eps = _eps(node)
     except ConfigError:
         eps = -1.0
-    check(eps > 0, f"{pre}.eps", node.get("eps"), allowed)
+    check(eps > 0, key_of(node, "eps"), node.get("eps"), allowed)
     if step_key is not None and node.get(step_key) is not None:
         try:
             step = _eps(node, step_key)
         except ConfigError:
             step = -1.0
-        check(0 < step <= eps, f"{pre}.{step_key}", node.get(step_key),
+        check(0 < step <= eps, key_of(node, step_key), node.get(step_key),
               f"null (the objective's default) or a step in (0, eps = {eps:.6g}], e.g. 2/255")
-    check(node.get("bn_mode", "train") in BN_MODES, f"{pre}.bn_mode", node.get("bn_mode"),
+    check(node.get("bn_mode", "train") in BN_MODES, key_of(node, "bn_mode"), node.get("bn_mode"),
           " or ".join(BN_MODES))
     if attack_norm(cfg.attack) == "linf":
         try:
@@ -108,17 +102,18 @@ def _check_eps(node: DictConfig, cfg: DictConfig, *, step_key: str | None) -> No
         except ConfigError:
             return
         if eval_eps * WARN_RATIO < eps:
-            log.warning("%s.eps=%s (%.4g) is more than %g times the evaluation epsilon=%s (%.4g): the "
-                        "model is evaluated far inside the ball it was trained for", pre, node.eps, eps,
+            log.warning("%s=%s (%.4g) is more than %g times the evaluation epsilon=%s (%.4g): the "
+                        "model is evaluated far inside the ball it was trained for", key_of(node, "eps"),
+                        node.eps, eps,
                         WARN_RATIO, cfg.epsilon, eval_eps)
 
 
 # ---- PGD adversarial training --------------------------------------------------------------------
 
 def _check_pgd_at(node: DictConfig, cfg: DictConfig) -> None:
-    pre = prefix(node, cfg)
-    positive_int(cfg, f"{pre}.steps")
-    check(isinstance(node.get("random_start", True), bool), f"{pre}.random_start", node.get("random_start"),
+    positive_int(node, "steps")
+    check(isinstance(node.get("random_start", True), bool), key_of(node, "random_start"),
+          node.get("random_start"),
           "true or false")
     _check_eps(node, cfg, step_key="step_size")
 
@@ -148,7 +143,7 @@ def _check_fast_at(node: DictConfig, cfg: DictConfig) -> None:
             value = -1.0
         # Wong et al. use alpha = 1.25 eps; beyond 2 eps the step overshoots the ball from any start
         # and catastrophic overfitting sets in early (their figure 3).
-        check(0 < value <= 2 * _eps(node), f"{prefix(node, cfg)}.alpha", alpha,
+        check(0 < value <= 2 * _eps(node), key_of(node, "alpha"), alpha,
               "null (= 1.25 * eps, Wong et al.) or a step in (0, 2 * eps]")
 
 
@@ -171,9 +166,8 @@ def fast_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictC
 # ---- TRADES ----------------------------------------------------------------------------------
 
 def _check_trades(node: DictConfig, cfg: DictConfig) -> None:
-    pre = prefix(node, cfg)
-    positive_number(cfg, f"{pre}.beta")
-    positive_int(cfg, f"{pre}.steps")
+    positive_number(node, "beta")
+    positive_int(node, "steps")
     _check_eps(node, cfg, step_key="step_size")
 
 
@@ -207,7 +201,7 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictCo
 # ---- Gaussian noise augmentation -------------------------------------------------------------------
 
 def _check_noise(node: DictConfig, cfg: DictConfig) -> None:
-    number_in(cfg, f"{prefix(node, cfg)}.sigma", 0.0, math.inf,
+    number_in(node, "sigma", 0.0, math.inf,
               "a noise level > 0 in pixel units, e.g. 0.25 (Cohen et al.'s CIFAR-10 values: 0.12, 0.25, "
               "0.5, 1.0)", low_open=True, high_open=True)
 
@@ -223,7 +217,7 @@ def noise_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictCon
 # ---- Defensive distillation -------------------------------------------------------------------
 
 def _check_distill(node: DictConfig, cfg: DictConfig) -> None:
-    number_in(cfg, f"{prefix(node, cfg)}.temperature", 0.0, math.inf,
+    number_in(node, "temperature", 0.0, math.inf,
               "a temperature T > 0 (Papernot et al. use 100; T = 1 is plain self-distillation)",
               low_open=True, high_open=True)
 
@@ -280,20 +274,19 @@ distill_loss = register_objective("distill", check=_check_distill, work=lambda n
 # ---- certified training by IBP ------------------------------------------------------------------
 
 def _check_ibp(node: DictConfig, cfg: DictConfig) -> None:
-    pre = prefix(node, cfg)
     _check_eps(node, cfg, step_key=None)
-    number_in(cfg, f"{pre}.kappa", 0.0, 1.0, "a weight in [0, 1] on the clean loss at the end of the ramp "
+    number_in(node, "kappa", 0.0, 1.0, "a weight in [0, 1] on the clean loss at the end of the ramp "
               "(Gowal et al.: 0.5)")
-    number_in(cfg, f"{pre}.warmup", 0.0, 1.0, "a fraction of the training steps in [0, 1)", high_open=True)
-    number_in(cfg, f"{pre}.ramp", 0.0, 1.0, "a fraction of the training steps in (0, 1]", low_open=True)
-    check(node.warmup + node.ramp <= 1.0, f"{pre}.ramp", node.ramp,
-          f"at most 1 - {pre}.warmup = {1 - node.warmup:g}: the full eps must be reached by the end of "
-          f"training")
+    number_in(node, "warmup", 0.0, 1.0, "a fraction of the training steps in [0, 1)", high_open=True)
+    number_in(node, "ramp", 0.0, 1.0, "a fraction of the training steps in (0, 1]", low_open=True)
+    check(node.warmup + node.ramp <= 1.0, key_of(node, "ramp"), node.ramp,
+          f"at most 1 - {key_of(node, 'warmup')} = {1 - node.warmup:g}: the full eps must be reached by "
+          f"the end of training")
     net = network_for_checks(cfg)[0]
     try:
         check_supported(net)
     except BoundError as e:
-        check(False, f"{pre}.name", "ibp", f"a model whose layers IBP handles: {e}")
+        check(False, key_of(node, "name"), "ibp", f"a model whose layers IBP handles: {e}")
 
 
 def _prepare_ibp(model: nn.Module, ds: Dataset, train: DictConfig, node: DictConfig, *, seed: int,

@@ -183,7 +183,7 @@ def _check_int8(node: DictConfig, cfg: DictConfig) -> None:
     supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     check(node.get("backend") in BACKENDS and node.get("backend") in supported, "quantize.backend",
           node.get("backend"), f"a quantized backend of this torch build: {', '.join(supported)}")
-    positive_int(cfg, "quantize.n_calib")
+    positive_int(cfg.quantize, "n_calib")
     number = node.get("min_agreement")
     check(isinstance(number, int | float) and not isinstance(number, bool) and 0 <= number <= 1,
           "quantize.min_agreement", number, "a share in [0, 1]")

@@ -78,13 +78,13 @@ def clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, node: DictCon
 
 def check_train_config(cfg: DictConfig) -> None:
     """``train.*`` and ``objective.*`` before anything runs."""
-    positive_int(cfg, "train.epochs")
-    positive_int(cfg, "train.batch_size")
-    positive_number(cfg, "train.lr")
-    number_in(cfg, "train.weight_decay", 0.0, math.inf, "a number >= 0")
-    number_in(cfg, "train.warmup_fraction", 0.0, 1.0, "a number in (0, 1)", low_open=True, high_open=True)
-    number_in(cfg, "train.label_smoothing", 0.0, 1.0, "a number in [0, 1)", high_open=True)
-    nonnegative_int(cfg, "train.crop_pad")
+    positive_int(cfg.train, "epochs")
+    positive_int(cfg.train, "batch_size")
+    positive_number(cfg.train, "lr")
+    number_in(cfg.train, "weight_decay", 0.0, math.inf, "a number >= 0")
+    number_in(cfg.train, "warmup_fraction", 0.0, 1.0, "a number in (0, 1)", low_open=True, high_open=True)
+    number_in(cfg.train, "label_smoothing", 0.0, 1.0, "a number in [0, 1)", high_open=True)
+    nonnegative_int(cfg.train, "crop_pad")
     check(isinstance(cfg.train.flip, bool), "train.flip", cfg.train.flip, "true or false")
     # Optional (absent from the CPU recipes, so their baseline cache keys are unchanged).
     amp = cfg.train.get("amp", "none")

@@ -265,10 +265,10 @@ def run(ctx: EvalContext) -> Outcome:
 
 
 def _check(cfg: DictConfig) -> None:
-    nonnegative_int(cfg, "attribution.n_images")
+    nonnegative_int(cfg.attribution, "n_images")
     if cfg.attribution.n_images > 0:
-        positive_int(cfg, "attribution.n_steps")
-        positive_int(cfg, "attribution.internal_batch_size")
+        positive_int(cfg.attribution, "n_steps")
+        positive_int(cfg.attribution, "internal_batch_size")
         check(cfg.attribution.baseline in BASELINES, "attribution.baseline", cfg.attribution.baseline,
               ", ".join(BASELINES))
         cap = cfg.attribution.get("max_n_steps")

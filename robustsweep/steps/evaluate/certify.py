@@ -105,15 +105,15 @@ def _check_bounds(cfg: DictConfig) -> list:
 
 
 def _check_ibp(node: DictConfig, cfg: DictConfig) -> None:
-    positive_int(cfg, "certify.batch_size")
+    positive_int(cfg.certify, "batch_size")
     _check_bounds(cfg)
 
 
 def _check_crown(node: DictConfig, cfg: DictConfig) -> None:
     check(node.get("intermediate") in ("crown", "ibp"), "certify.intermediate", node.get("intermediate"),
           "crown (plain stacks) or ibp (CROWN-IBP, residual networks too)")
-    positive_int(cfg, "certify.chunk")
-    number_in(cfg, "certify.max_memory_mb", 0.0, math.inf, "a number of MB > 0", low_open=True)
+    positive_int(cfg.certify, "chunk")
+    number_in(cfg.certify, "max_memory_mb", 0.0, math.inf, "a number of MB > 0", low_open=True)
     nodes = _check_bounds(cfg)
     if node.intermediate == "crown":
         net, shape, classes = network_for_checks(cfg)
@@ -127,21 +127,21 @@ def _check_crown(node: DictConfig, cfg: DictConfig) -> None:
 
 
 def _check_smoothing(node: DictConfig, cfg: DictConfig) -> None:
-    number_in(cfg, "certify.sigma", 0.0, math.inf, "a noise level > 0 in pixel units (L2), e.g. 0.25",
+    number_in(cfg.certify, "sigma", 0.0, math.inf, "a noise level > 0 in pixel units (L2), e.g. 0.25",
               low_open=True, high_open=True)
     positive_int(cfg, "certify.n0")
-    positive_int(cfg, "certify.n")
+    positive_int(cfg.certify, "n")
     check(node.n0 < node.n, "certify.n0", node.n0,
           f"fewer samples than certify.n={node.n} (n0 only guesses the class; n estimates its probability)")
-    number_in(cfg, "certify.alpha", 0.0, 1.0, "a failure probability in (0, 1), e.g. 0.001", low_open=True,
+    number_in(cfg.certify, "alpha", 0.0, 1.0, "a failure probability in (0, 1), e.g. 0.001", low_open=True,
               high_open=True)
-    number_in(cfg, "certify.radius", 0.0, math.inf, "an L2 radius >= 0 in pixel units, e.g. 0.25")
-    nonnegative_int(cfg, "certify.attack_steps")
-    positive_int(cfg, "certify.attack_samples")
+    number_in(cfg.certify, "radius", 0.0, math.inf, "an L2 radius >= 0 in pixel units, e.g. 0.25")
+    nonnegative_int(cfg.certify, "attack_steps")
+    positive_int(cfg.certify, "attack_samples")
     radii = node.get("radii") or []
     ok = all(isinstance(r, int | float) and not isinstance(r, bool) and r >= 0 for r in radii)
     check(ok, "certify.radii", list(radii), "a list of L2 radii >= 0")
-    positive_int(cfg, "certify.batch_size")
+    positive_int(cfg.certify, "batch_size")
 
 
 @CERTIFICATES.register("smoothing", check=_check_smoothing, info=CertificateInfo(

@@ -250,17 +250,17 @@ def _check(cfg: DictConfig) -> None:
         return
     check(node.get("method") in METHODS, "drift.method", node.get("method"), ", ".join(METHODS))
     for key in ("n_images", "n_boot", "n_random", "internal_batch_size"):
-        positive_int(cfg, f"drift.{key}")
-    number_in(cfg, "drift.topk", 0.0, 1.0, "a share of pixels in (0, 1]", low_open=True)
-    number_in(cfg, "drift.random_max_spearman", -1.0, 1.0, "a rank correlation in [-1, 1]")
+        positive_int(cfg.drift, key)
+    number_in(cfg.drift, "topk", 0.0, 1.0, "a share of pixels in (0, 1]", low_open=True)
+    number_in(cfg.drift, "random_max_spearman", -1.0, 1.0, "a rank correlation in [-1, 1]")
     if node.method == "integrated_gradients":
-        positive_int(cfg, "drift.n_steps")
+        positive_int(cfg.drift, "n_steps")
         cap = node.get("max_n_steps")
         check(cap is None or (isinstance(cap, int) and cap >= node.n_steps), "drift.max_n_steps", cap,
               f"null or an integer >= drift.n_steps ({node.n_steps})")
     if node.method in ("smoothgrad", "gradient_shap"):
-        number_in(cfg, "drift.stdevs", 0.0, 1.0, "a noise standard deviation in [0, 1] (pixels)")
-        positive_int(cfg, "drift.nt_samples" if node.method == "smoothgrad" else "drift.n_samples")
+        number_in(cfg.drift, "stdevs", 0.0, 1.0, "a noise standard deviation in [0, 1] (pixels)")
+        positive_int(cfg.drift, "nt_samples" if node.method == "smoothgrad" else "drift.n_samples")
 
 
 _METRICS = tuple(f"{m}{s}{b}" for s in ("", "_adv") for m in (*PAIRED, *SINGLE) for b in ("", "_lo", "_hi"))

@@ -172,7 +172,7 @@ def _check(cfg: DictConfig) -> None:
     check(emax is None or (isinstance(emax, int | float) and not isinstance(emax, bool) and emax > 0),
           "min_norm.eps_max", emax, "null (= 4 x epsilon) or a radius > 0 in attack.norm's pixel units")
     for key in ("n_bisect", "steps", "restarts"):
-        positive_int(cfg, f"min_norm.{key}")
+        positive_int(cfg.min_norm, key)
 
 
 register_evaluator(Evaluator(

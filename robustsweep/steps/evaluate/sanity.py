@@ -194,8 +194,8 @@ def run(ctx: EvalContext) -> Outcome:
 
 def _check(cfg: DictConfig) -> None:
     check(isinstance(cfg.checks.sanity, bool), "checks.sanity", cfg.checks.sanity, "true or false")
-    nonnegative_int(cfg, "checks.n_probe")
-    number_in(cfg, "checks.tol", 0.0, 1.0, "a number in [0, 1]")
+    nonnegative_int(cfg.checks, "n_probe")
+    number_in(cfg.checks, "tol", 0.0, 1.0, "a number in [0, 1]")
 
 
 def _work(cfg: DictConfig, cell: CellShape) -> WorkItems:
