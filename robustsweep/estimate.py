@@ -11,7 +11,7 @@ memo). Here the validated cells are added up, with
 * work shared through a memo counted once per key and worker process;
 * passes turned into seconds by a **calibration**: each network (random weights) timed here, on the
   sweep's device, for a forward pass, a forward+input-gradient pass and a training step, the way
-  ``scripts/bench.py`` measures its ceiling (1.8-6 s per sweep on the 2-core CPU box, small CNN to
+  ``scripts/bench/bench.py`` measures its ceiling (1.8-6 s per sweep on the 2-core CPU box, small CNN to
   ResNet-20, much of it torch's first calls that the first cell would make anyway);
 * a fixed cost per cell (Hydra's job, the MLflow run, artifacts, figures) and per worker start.
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench.py"
 
 
 def test_small_benchmark_runs_and_writes_valid_json(tmp_path):

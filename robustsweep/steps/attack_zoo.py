@@ -7,7 +7,7 @@
   which applies the same rule as its ``MultiAttack`` and also records which component broke each
   image. ``attack=autoattack`` runs the reference's 100 iterations (APGD-T and FAB-T with 9 target
   classes: torchattacks' n_classes - 1), checked against the authors' code (pyautoattack) by
-  scripts/crosscheck_autoattack.py; ``attack=autoattack_fast`` the 10 of torchattacks 3.3.0's own
+  scripts/crosscheck/crosscheck_autoattack.py; ``attack=autoattack_fast`` the 10 of torchattacks 3.3.0's own
   ``AutoAttack``, tested equal to it called on the same batches.
 * ``apgd`` -- APGD, Croce & Hein 2020: step-size-free PGD with momentum (``loss``: ce or dlr).
 * ``square`` -- Square Attack, Andriushchenko et al. 2020, arXiv:1912.00049: score-based black box,

@@ -9,7 +9,7 @@ device from a seeded generator, ``batch`` copies per forward pass.
 
 Written here (about 40 lines with scipy) rather than taken from ART: its
 ``PyTorchRandomizedSmoothing.certify`` took ~400 s per 100 ResNet-20 images at n = 1000 on this CPU
-and needs statsmodels, which it does not declare. ``scripts/smoothing_vs_art.py`` compares the two on
+and needs statsmodels, which it does not declare. ``scripts/crosscheck/smoothing_vs_art.py`` compares the two on
 one model and one set of images.
 
 A certificate is a lower bound; ``smooth_adv`` gives the matching upper bound for the *smoothed*

@@ -1,8 +1,8 @@
 """What a certificate costs on this machine: seconds per 1000 images for IBP, CROWN-IBP, full CROWN and
 randomized smoothing, on the networks of the README's tables.
 
-    python scripts/bench_certify.py [--out bench_certify.json]            # both networks
-    python scripts/bench_certify.py --small                               # digits only (seconds)
+    python scripts/bench/bench_certify.py [--out bench_certify.json]            # both networks
+    python scripts/bench/bench_certify.py --small                               # digits only (seconds)
 
 Claim checked (README "Certified robustness"): IBP costs about one forward pass, CROWN-IBP a backward
 pass per specification, full CROWN a backward pass per hidden neuron (the slow one), smoothing n + n0

@@ -1,7 +1,7 @@
 """Start-up cost of the CLI: seconds from the command to the first job's work, and ``--help``.
 
-    python scripts/startup.py                 # 3 repeats each, this checkout's robustsweep
-    python scripts/startup.py --repeats 5 --cwd /tmp/elsewhere
+    python scripts/bench/startup.py                 # 3 repeats each, this checkout's robustsweep
+    python scripts/bench/startup.py --repeats 5 --cwd /tmp/elsewhere
 
 "First job's work" is the first log line of a job's data step (``data <name>: ... test images``):
 before it come Python, Hydra (plugin scan, composition), the validating sweeper (every job composed

@@ -1,8 +1,8 @@
 """robustsweep's benchmark: how close a sweep runs to the hardware's limit, measured in one run.
 
-    python scripts/bench.py                 # CPU: ResNet-20 on ../shared/data/cifar10-jpg, 500 images
-    python scripts/bench.py --device cuda   # CUDA: ResNet-18, the full 10k test set
-    python scripts/bench.py --small         # CI: digits + small CNN, 4 cells, ~1.5 min; checks it runs
+    python scripts/bench/bench.py                 # CPU: ResNet-20 on ../shared/data/cifar10-jpg, 500 images
+    python scripts/bench/bench.py --device cuda   # CUDA: ResNet-18, the full 10k test set
+    python scripts/bench/bench.py --small         # CI: digits + small CNN, 4 cells, ~1.5 min; checks it runs
 
 Prints a table and writes ``outputs/bench/bench.json``. What it measures, on the current device:
 
@@ -13,7 +13,7 @@ Prints a table and writes ``outputs/bench/bench.json``. What it measures, on the
    forward+gradient image passes at ceiling speed). Then the work-saving paths: FGSM with a reused
    direction, PGD with early stop, bf16 autocast (CUDA; its ASR gap to fp32 on the same images).
 3. The sweep: ``python -m robustsweep -m`` on 4 sparsity x 4 eps x {FGSM, PGD-10} against
-   scripts/plain_sweep.py (a careful notebook user's loop) on the same grid, model and images;
+   scripts/bench/plain_sweep.py (a careful notebook user's loop) on the same grid, model and images;
    and the fixed per-job overhead (Hydra + MLflow, no compute): the slope of wall time over jobs
    that compute nothing.
 4. Growth: sweep wall time against n_eval and against the number of cells, with the line fits.
@@ -388,7 +388,7 @@ def print_table(r: dict[str, Any]) -> None:
         s = r["sweep"]
         lines += ["", "| sweep | cells | wall s | s/cell | peak RSS MB |", "|---|---:|---:|---:|---:|"]
         names = {"ours": "ours (defaults)", "ours_lean": "ours, checks.sanity=false, no IG doubling",
-                 "plain": "plain way (scripts/plain_sweep.py)"}
+                 "plain": "plain way (scripts/bench/plain_sweep.py)"}
         for k in ("ours", "ours_lean", "plain"):
             if k in s:
                 lines.append(f"| {names[k]} | {s[k]['n_cells']} | {s[k]['wall_s']:.1f} | "

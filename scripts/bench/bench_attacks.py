@@ -1,7 +1,7 @@
 """What each attack costs, and what our AutoAttack call costs over the library's own.
 
-    python scripts/bench_attacks.py                       # ResNet-20, CIFAR-10 copy, 200 test images
-    python scripts/bench_attacks.py --small               # digits + small CNN (seconds; CI-sized)
+    python scripts/bench/bench_attacks.py                       # ResNet-20, CIFAR-10 copy, 200 test images
+    python scripts/bench/bench_attacks.py --small               # digits + small CNN (seconds; CI-sized)
 
 Claim checked: ``attack=autoattack`` (torchattacks' four components, run by our Ensemble so each
 image records which component broke it, every batch through the ball guard) costs at most 1.2x

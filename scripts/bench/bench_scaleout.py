@@ -1,6 +1,6 @@
 """Throughput of the launchers on this machine: cells per minute for the 16-cell quickstart grid.
 
-    python scripts/bench_scaleout.py [--server] [--out bench_scaleout.json]
+    python scripts/bench/bench_scaleout.py [--server] [--out bench_scaleout.json]
 
 Claim checked (README "Scaling out"): on a 2-core CPU, parallel worker processes buy little for
 cells this small, and they lose the per-process reuse (robustsweep.tracking.reuse: the baseline,

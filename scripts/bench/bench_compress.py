@@ -1,7 +1,7 @@
 """What each compression buys on this machine: parameters, size, FLOPs and latency, interleaved.
 
-    python scripts/bench_compress.py                  # ResNet-20 (cached baseline), CIFAR-10 copy
-    python scripts/bench_compress.py --small          # digits + small CNN (seconds; CI-sized)
+    python scripts/bench/bench_compress.py                  # ResNet-20 (cached baseline), CIFAR-10 copy
+    python scripts/bench/bench_compress.py --small          # digits + small CNN (seconds; CI-sized)
 
 Claim checked: removing channels (``prune=channel``) at 50 % makes ResNet-20 measurably faster on
 this CPU; unstructured pruning at 50 % (``global_l1``) does not (same shapes, same dense kernels);

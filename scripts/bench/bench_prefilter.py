@@ -1,8 +1,8 @@
 """The reference AutoAttack with the PGD pre-filter against without it, and the 10-iteration variant.
 
-    python scripts/bench_prefilter.py --output-dir /path/with/outputs/cache \\
+    python scripts/bench/bench_prefilter.py --output-dir /path/with/outputs/cache \\
         --override train.epochs=4 --n-eval 200            # ResNet-20, CIFAR-10 copy (JPEG q75)
-    python scripts/bench_prefilter.py --small             # digits + small CNN (seconds)
+    python scripts/bench/bench_prefilter.py --small             # digits + small CNN (seconds)
 
 Claim checked (issue 32): ``attack=autoattack`` (100 iterations) with ``prefilter=pgd`` costs no more
 per 1000 images than ``attack=autoattack_fast`` (10 iterations, no pre-filter) on an undefended

@@ -1,6 +1,6 @@
 """The longest silence of a command: what a user watching its terminal waits without a new line.
 
-    python scripts/log_gaps.py --out outputs/gaps/aa.log -- python -m robustsweep attack=autoattack ...
+    python scripts/bench/log_gaps.py --out outputs/gaps/aa.log -- python -m robustsweep attack=autoattack ...
 
 Runs the command with stdout and stderr merged, stamps every line (and every progress-bar draw,
 also one whose line has not ended yet) with the seconds since start, writes them to ``--out``, and prints

@@ -1,10 +1,10 @@
 """``attack=autoattack`` against the reference implementation of AutoAttack, on the same model and images.
 
     pip install pyautoattack    # the authors' code (fra31/auto-attack) on PyPI; NOT a robustsweep dependency
-    python scripts/crosscheck_autoattack.py --small                     # digits + small CNN, 200 images
-    python scripts/crosscheck_autoattack.py --data-root ../shared/data/cifar10-jpg --n-eval 100 \
+    python scripts/crosscheck/crosscheck_autoattack.py --small            # digits + small CNN, 200 images
+    python scripts/crosscheck/crosscheck_autoattack.py --data-root ../shared/data/cifar10-jpg --n-eval 100 \
         --override train.epochs=4                                       # ResNet-20, 100 CIFAR images
-    python scripts/crosscheck_autoattack.py ... --eps 2/255             # where some images survive
+    python scripts/crosscheck/crosscheck_autoattack.py ... --eps 2/255             # where some images survive
 
 Claim checked: robustsweep's ``attack=autoattack`` (the standard version at the reference's 100
 iterations: APGD-CE, APGD-T and FAB-T with 9 targets, Square at 5000 queries, from torchattacks'

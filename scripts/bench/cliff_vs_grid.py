@@ -2,7 +2,7 @@
 
     python -m robustsweep -m experiment=quickstart "sparsity=range(0,1,0.05)"   # 20-point grid
     python -m robustsweep -m experiment=quickstart search=cliff                  # the study
-    python scripts/cliff_vs_grid.py --store sqlite:///outputs/mlflow.db --out docs/cliff_vs_grid.png
+    python scripts/bench/cliff_vs_grid.py --store sqlite:///outputs/mlflow.db --out docs/cliff_vs_grid.png
 
 The grid's bracket uses the same definition as the study (robustsweep.search.bracket), with the
 grid's own sparsity-0 cell as the reference. Prints both brackets and the number of jobs each

@@ -1,13 +1,13 @@
 """The plain way: what a careful notebook user does for each cell of a sparsity x eps x attack grid.
 
-This is the reference the benchmark (scripts/bench.py) times robustsweep against; it is not part
+This is the reference the benchmark (scripts/bench/bench.py) times robustsweep against; it is not part
 of the tool. Per cell, as a notebook would: read the evaluation images through a DataLoader
 (decoding the JPEGs), rebuild the model from the baseline checkpoint, prune it with
 torch.nn.utils.prune (masks left in place), attack every batch with torchattacks, Integrated
 Gradients (captum) on a few images, and log params, metrics and the IG figure to MLflow. One
 Python process runs the whole grid (a notebook kernel stays alive), so imports are paid once.
 
-    python scripts/plain_sweep.py --checkpoint outputs/cache/baselines/resnet_small-....safetensors \
+    python scripts/bench/plain_sweep.py --checkpoint outputs/cache/baselines/resnet_small-....safetensors \
         --data-root ../shared/data/cifar10-jpg --n-eval 500 --model resnet_small
 
 Prints one line per cell and writes ``--out`` (JSON: wall time and the cells' numbers).

@@ -3,7 +3,7 @@
 **For a user with a GPU of their own** none of this is needed: install robustsweep there and run
 ``python -m robustsweep -m experiment=gpu sparsity=0,0.25,0.5,0.75 epsilon=2/255,4/255,8/255
 attack=fgsm,pgd`` (CIFAR-10 from torchvision, README "Getting CIFAR-10"), then
-``python scripts/bench.py --device cuda --data-root <an image tree of CIFAR-10>``.
+``python scripts/bench/bench.py --device cuda --data-root <an image tree of CIFAR-10>``.
 
 This script serves the project's own situation, which may be yours on a cluster: a GPU comes now and
 then, for ~15 minutes, on a machine with no internet whose image has torch,
@@ -12,15 +12,15 @@ omegaconf, mlflow, optuna, torchattacks or captum, and whose Python is 3.12. So 
 lacks is packed here, travels with the working tree (64 MiB per call in all), and one command
 does the rest:
 
-    python scripts/gpu_acceptance.py pack          # here: outputs/gpu_pack/ (cp312 wheels + CIFAR-10)
+    python scripts/gpu/gpu_acceptance.py pack          # here: outputs/gpu_pack/ (cp312 wheels + CIFAR-10)
     # device call, carry=["outputs/gpu_pack"], timeout_s=600:
-    python3 scripts/gpu_acceptance.py run --out $OUT
-    python scripts/gpu_acceptance.py rehearse      # here: the same flow at toy size, offline
+    python3 scripts/gpu/gpu_acceptance.py run --out $OUT
+    python scripts/gpu/gpu_acceptance.py rehearse      # here: the same flow at toy size, offline
 
 ``run``: installs the wheels with ``pip --no-index --no-deps --target`` (the image keeps its own
 torch), unpacks the JPEG copy of CIFAR-10, runs the seed grid through the CLI (its first job
 trains the ResNet-18 baseline: ``experiment=gpu``, ``train=cifar_gpu``), then
-``scripts/bench.py --device cuda`` on the cached baseline, and writes to ``--out``:
+``scripts/bench/bench.py --device cuda`` on the cached baseline, and writes to ``--out``:
 ``acceptance.json`` (every figure), ``cells.csv``, ``bench.json``, ``mlflow_store.tar.xz`` and
 ``acceptance.log``. It runs in a work folder outside the checkout, so the installed wheel, not the
 source tree, is what runs. A deadline (``--budget``) keeps it inside one 10-minute call: a step
@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 
 log = logging.getLogger("gpu_acceptance")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACK = REPO / "outputs" / "gpu_pack"
 LIMIT_MIB = 64  # what travels per device call: the working tree plus carried paths
 # Packages the GPU image already holds (the device library's KINDS.md, read 2026-11-17); their

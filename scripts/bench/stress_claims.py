@@ -1,7 +1,7 @@
 """Several sweeps on one store at once: is every cell computed exactly once, and is every run's data
 its own? (README "What we check on every run", faults; issue 27.)
 
-    python scripts/stress_claims.py [--server] [--n 2 4] [--reps 5] [--out stress_claims.json]
+    python scripts/bench/stress_claims.py [--server] [--n 2 4] [--reps 5] [--out stress_claims.json]
 
 For each N and repetition: N sweeps of the digits quickstart whose grids overlap (sweep k asks for
 sparsities k, k+1, k+2 of a ladder, so neighbours share two cells and every cell is wanted by 1-3
