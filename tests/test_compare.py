@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from robustsweep.compare import main
@@ -16,6 +17,7 @@ def _csv(path: Path, asr: str, job_s: str) -> Path:
 
 
 def test_cells_equal_but_for_timings_pass_and_a_changed_metric_fails(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     a = _csv(tmp_path / "a.csv", "0.4166666666666667", "3.1")
     assert main(["cells", str(a), str(_csv(tmp_path / "b.csv", "0.4166666666666667", "9.9"))]) == 0
     assert main(["cells", str(a), str(_csv(tmp_path / "c.csv", "0.41666666666666674", "3.1"))]) == 1
