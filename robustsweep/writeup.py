@@ -44,7 +44,17 @@ DELTAS = (("delta_asr_common", "ASR on the images both models classify correctly
 
 
 def condition_of(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in params.items() if not k.startswith(REPLICATE_BLIND)))
+    """The params that make a condition. At sparsity 0 the prune method changes nothing (no weight is
+    pruned): the dense cells of a sweep over methods are one condition, not one per method."""
+    blind = REPLICATE_BLIND + (("prune.",) if _float(params.get("sparsity")) == 0.0 else ())
+    return tuple(sorted((k, v) for k, v in params.items() if not k.startswith(blind)))
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass
@@ -124,7 +134,7 @@ def judge_claims(claims: list[Claim], conds: list[Condition], varying: list[str]
             lines.append(f"- {cl.attack}, rows with '{cl.rows}', {what}: no such row in this experiment")
         for c in rows:
             t = c.deltas.get(cl.metric)
-            said = cl.judge(*t) if t else "no paired difference logged"
+            said = _saturated(c, cl.metric, what) or (cl.judge(*t) if t else "no paired difference logged")
             lines.append(f"- {cl.attack}, {_row_label(c.first, varying)} ({len(c.seeds)} seed"
                          f"{'s' if len(c.seeds) > 1 else ''}), change in {what}: {said}"
                          + (" († collapsed model)" if _collapsed(c) else ""))
@@ -264,6 +274,19 @@ def _attacked(cond: Condition) -> bool:
 
 def _collapsed(cond: Condition) -> bool:
     return any("collapsed" in c.get("suspect", "").split(",") for c in cond.cells)
+
+
+def _saturated(cond: Condition, delta: str, what: str) -> str | None:
+    """The words for a difference that cannot move: the dense reference is already broken on every
+    image it classifies correctly (its ASR 1.0 in every seed), so ASR cannot rise and robust accuracy
+    cannot fall. None when it can."""
+    if delta not in ("delta_asr_common", "delta_robust_acc"):
+        return None
+    ref = [c["all_metrics"].get("ref_asr", math.nan) for c in cond.cells]
+    if not ref or any(not r >= 1.0 for r in ref):
+        return None
+    return (f"{what}: saturated, not measurable here (the dense model's ASR is already 1.000 in every seed: "
+            f"no rise in ASR, no fall in robust accuracy can show; a smaller eps can)")
 
 
 def _fmt_delta(t: tuple[float, float, float] | None) -> str:
@@ -421,7 +444,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
             lines.append("| " + " | ".join(cols) + " |")
             problems += c.problems
             if c.deltas and not c.is_reference:
-                said = "; ".join(verdict(w, *c.deltas[d]) for d, w in DELTAS
+                said = "; ".join(_saturated(c, d, w) or verdict(w, *c.deltas[d]) for d, w in DELTAS
                                  if d in c.deltas and (_attacked(c) or d == "delta_clean_acc"))
                 said += "".join(f" ({n})" for n in sorted(set(c.notes)))
                 if _collapsed(c):

@@ -147,3 +147,17 @@ def test_a_claim_is_judged_by_its_interval_only():
                 "fgsm 8/255 | 0.75 | delta_clean_acc | -3 | -8"):
         with pytest.raises(ValueError, match="allowed: 'ATTACK EPS"):
             Claim.parse(bad)
+
+
+def test_dense_cells_of_two_prune_methods_are_one_condition_and_a_saturated_reference_is_named():
+    from robustsweep.writeup import Condition, _saturated, condition_of
+
+    base = {"sparsity": "0.0", "attack.name": "pgd", "seed": "0"}
+    assert condition_of({**base, "prune.method": "global_l1"}) == condition_of({**base, "prune.method": "l1"})
+    assert condition_of({**base, "sparsity": "0.5", "prune.method": "global_l1"}) != condition_of(
+        {**base, "sparsity": "0.5", "prune.method": "l1"})
+    cond = Condition([{"all_metrics": {"ref_asr": 1.0}}, {"all_metrics": {"ref_asr": 1.0}}])
+    assert "saturated" in _saturated(cond, "delta_asr_common", "ASR")
+    assert _saturated(cond, "delta_clean_acc", "clean accuracy") is None  # clean accuracy can still move
+    cond.cells[1]["all_metrics"]["ref_asr"] = 0.98  # one seed's dense model leaves an image robust
+    assert _saturated(cond, "delta_asr_common", "ASR") is None
