@@ -30,12 +30,10 @@ from robustsweep.core.paths import CONF_DIR, resolve_path
 from robustsweep.core.registry import is_off
 from robustsweep.core.schema import DEPRECATED_PRUNE_KEYS, register_configs
 from robustsweep.steps import evaluate
-from robustsweep.steps.compress import check_compress_config
+from robustsweep.steps.compress import check_stages
 from robustsweep.steps.data import check_data_config
 from robustsweep.steps.defend import check_defend_config
 from robustsweep.steps.models import check_model_config
-from robustsweep.steps.prune import check_prune_config
-from robustsweep.steps.quantize import check_quantize_config
 from robustsweep.steps.train import check_train_config
 
 __all__ = ["CONF_DIR", "ConfigError", "compose", "compose_and_validate", "parse_epsilon",
@@ -79,9 +77,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_data_config(cfg.data)
     check_model_config(cfg.model, cfg)
     check_train_config(cfg)
-    check_prune_config(cfg.prune, cfg)
-    check_compress_config(cfg)
-    check_quantize_config(cfg.get("quantize"), cfg)
+    check_stages(cfg)  # prune, BatchNorm recalibration, quantize, and any other stage's own checks
     check_defend_config(cfg)
     evaluate.check_config(cfg)
     if cfg.get("efficiency") is not None:

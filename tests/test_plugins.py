@@ -24,6 +24,7 @@ from omegaconf import open_dict
 
 from robustsweep.config import compose
 from robustsweep.core import plugins
+from robustsweep.tracking import identity
 from robustsweep.tracking.identity import cell_id
 from tests.conftest import isolated_overrides
 
@@ -53,6 +54,7 @@ FILES = {
     "rsplug/roundw.py": """
         import torch
 
+        from robustsweep.core.params import positive_number
         from robustsweep.steps.compress import Stage, StageSpec, register_stage
 
 
@@ -74,7 +76,8 @@ FILES = {
 
 
         register_stage(StageSpec("roundw", round_weights, order=25, metrics=("rounded_fraction",),
-                                 label=lambda p: f"round {p['roundw.step']}" if p.get("roundw.step") else None))
+                                 label=lambda p: f"round {p['roundw.step']}" if p.get("roundw.step") else None,
+                                 check=lambda node, cfg: positive_number(node, "step")))
     """,
     "rsplug/conf/roundw/on.yaml": "name: roundw\nstep: 0.05\n",
     # an attack and a certificate in robustsweep's own groups (attack, certify)
@@ -160,6 +163,9 @@ def test_outside_package_adds_an_evaluator_a_compression_stage_an_attack_and_a_c
     p = _cli(tmp_path, site, "+margin=on", "+margin.n_imagez=3", *isolated_overrides(tmp_path))
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "margin.n_imagez" in out and "allowed: margin.n_images" in out, out[-2000:]
+    p = _cli(tmp_path, site, "+roundw=on", "roundw.step=-1", *isolated_overrides(tmp_path))  # the stage's check
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "roundw.step=-1 is not valid; allowed: a number > 0" in out, out[-2000:]
 
 
 def test_a_plugin_group_left_unchosen_changes_no_cell_id(monkeypatch):
@@ -169,7 +175,7 @@ def test_a_plugin_group_left_unchosen_changes_no_cell_id(monkeypatch):
     before = cell_id(cfg)
     with open_dict(cfg):
         cfg.margin = None
-    monkeypatch.setattr(plugins, "groups", lambda: ("margin",))
+    monkeypatch.setattr(identity, "OPTIONAL_GROUPS", ("margin",))  # as core.schema makes it with the plug-in
     assert cell_id(cfg) == before
     with open_dict(cfg):
         cfg.margin = {"name": "margin", "n_images": 50}

@@ -37,6 +37,7 @@ from robustsweep.steps.models import meta_model
 from robustsweep.steps.prune import (
     PRUNE_METHODS,
     Targets,
+    check_prune_config,
     expand_exclude,
     make_permanent,
     measured_sparsity,
@@ -45,7 +46,7 @@ from robustsweep.steps.prune import (
     select_targets,
 )
 from robustsweep.steps.quantize import METRICS as QUANT_METRICS
-from robustsweep.steps.quantize import QUANTIZERS
+from robustsweep.steps.quantize import QUANTIZERS, check_quantize_config
 from robustsweep.steps.train import correct
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,9 @@ class StageSpec:
     # Its fragment of a compression label from the cell's params as the store holds them
     # ({"prune.method": "global_l1", "sparsity": 0.5, ...}): "global_l1 0.50", "int8"; None when off
     label: Callable[[Mapping[str, Any]], str | None] = lambda params: None
+    # its key checks, check(node, cfg), before anything runs (validate() asks every stage whose
+    # group the config has)
+    check: Callable[[Any, DictConfig], None] | None = None
 
 
 _STAGES: dict[str, StageSpec] = {}
@@ -264,10 +268,21 @@ def _quantize_label(params: Mapping[str, Any]) -> str | None:
 
 
 register_stage(StageSpec("prune", prune_stage, 10, ("sparsity_measured", "params_removed", "hydra_mask_moved"),
-                         _prune_label))
+                         _prune_label, check=check_prune_config))
 register_stage(StageSpec("compress", bn_stage, 20, ("test_acc_stale_bn", "bn_recal_gain", "bn_recal_gain_lo",
-                                                    "bn_recal_gain_hi", "bn_recal_mcnemar_p")))
-register_stage(StageSpec("quantize", quantize_stage, 30, tuple(QUANT_METRICS), _quantize_label))
+                                                    "bn_recal_gain_hi", "bn_recal_mcnemar_p"),
+                         check=lambda node, cfg: check_compress_config(cfg)))
+register_stage(StageSpec("quantize", quantize_stage, 30, tuple(QUANT_METRICS), _quantize_label,
+                         check=check_quantize_config))
+
+
+def check_stages(cfg: DictConfig) -> None:
+    """Every stage's own checks (validate() asks), on its node; a stage whose group the config does
+    not have (a plug-in's, not chosen) is off and not checked."""
+    for spec in stages():
+        node = cfg.get(spec.group)
+        if spec.check is not None and (node is not None or spec.group not in OPTIONAL_GROUPS):
+            spec.check(node, cfg)
 
 
 def compress(model: nn.Module, cfg: DictConfig, ds: Dataset, finetune: Finetune | None = None) -> list[Stage]:
