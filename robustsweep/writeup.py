@@ -318,10 +318,32 @@ def provenance(cells: list[dict[str, Any]], note: str) -> list[str]:
              f"- packages: {values('robustsweep.versions')}",
              f"- machine: {values('robustsweep.machine')}",
              f"- cells run from {_when(min(c['start'] or 0 for c in cells))} to "
-             f"{_when(max(c['start'] or 0 for c in cells))}"]
+             f"{_when(max(c['start'] or 0 for c in cells))}",
+             f"- dense baselines, clean accuracy on the whole test split: {_baselines(cells)}"]
     if note:
         lines.append(f"- note: {note}")
     return lines
+
+
+def _baselines(cells: list[dict[str, Any]]) -> str:
+    """Each dense baseline once (model, data, training recipe and objective, seed: what its cache key
+    holds) with the test accuracy its cells logged."""
+    acc: dict[tuple[tuple[str, str], ...], set[str]] = defaultdict(set)
+    for c in cells:
+        key = tuple(sorted((k, v) for k, v in c["params"].items()
+                           if k.startswith(("model.", "data.", "train.", "objective.")) or k == "seed"))
+        if (a := c["all_metrics"].get("baseline_test_acc")) is not None:
+            acc[key].add(f"{a:.4f}")
+    if not acc:
+        return "not recorded"
+    varying = sorted({k for key in acc for k, _ in key if k != "seed"
+                      and len({dict(other).get(k) for other in acc}) > 1})
+    out = []
+    for key, vals in sorted(acc.items(), key=lambda kv: (dict(kv[0]).get("seed", ""), kv[0])):
+        d = dict(key)
+        label = ", ".join([f"seed {d.get('seed', '?')}", *(f"{k}={d.get(k)}" for k in varying)])
+        out.append(f"{label}: {'/'.join(sorted(vals))}")
+    return "; ".join(out)
 
 
 def _seed_outcomes(client: Any, cond: Condition) -> dict[str, dict[str, np.ndarray]]:

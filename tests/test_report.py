@@ -57,7 +57,7 @@ def test_the_page_pools_replicates_and_states_its_provenance(store, tmp_path):
     rows = [line for line in main.splitlines() if line.startswith("| l1_unstructured 0.75")]
     assert len(rows) == 1 and "| 2 |" in rows[0]  # the two seeds are one condition
     assert "(2 seeds):" in page and ("rises by" in page or "falls by" in page or "no change" in page)
-    for fragment in ("git commit", "torch 2.", "cores", "fingerprint", "seeds: 0, 1",
+    for fragment in ("git commit", "torch 2.", "cores", "fingerprint", "seeds: 0, 1", "test split: seed 0: 0.",
                      "note: digits, as bundled"):
         assert fragment in page
     assert (tmp_path / "page" / "cells.csv").exists() and (tmp_path / "page" / "curves.png").exists()
