@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import statistics
 import sys
 from collections import defaultdict
@@ -439,7 +440,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
     conds = conditions(client, cells)
     varying = _varying(conds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command or "python -m robustsweep.report " + " ".join(sys.argv[1:])
+    cmd = command or "python -m robustsweep.report " + shlex.join(sys.argv[1:])  # quoted: copy and run it
     lines = [f"# {experiment}: results", "",
              f"Written by `{cmd}` on {datetime.now(UTC):%Y-%m-%d %H:%M UTC} from the store; do not edit by "
              f"hand.",
