@@ -27,9 +27,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
+import sys
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,36 @@ GROUP = "robustsweep.plugins"
 _loaded = False
 
 
+def _any_declared() -> bool:
+    """Whether any distribution on ``sys.path`` declares the group: a text search of the
+    ``entry_points.txt`` files (~3 ms for 150 distributions), so that a process without plug-ins does
+    not pay for ``importlib.metadata`` (~50-70 ms: import, then parsing every distribution) at each
+    start-up -- Hydra's start, every worker's."""
+    header = f"[{GROUP}]"
+    for d in sys.path:
+        try:
+            entries = os.scandir(d or ".")
+        except OSError:
+            continue
+        with entries:
+            for e in entries:
+                if e.name.endswith((".dist-info", ".egg-info")):
+                    try:
+                        with open(os.path.join(e.path, "entry_points.txt"), encoding="utf-8") as f:
+                            if header in f.read():
+                                return True
+                    except OSError:
+                        continue
+    return False
+
+
 @cache
 def declared() -> tuple[EntryPoint, ...]:
     """The installed entry points of the group, sorted by name (read once per process)."""
+    if not _any_declared():
+        return ()
+    from importlib.metadata import entry_points
+
     return tuple(sorted(entry_points(group=GROUP), key=lambda ep: (ep.name, ep.value)))
 
 
