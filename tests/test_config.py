@@ -125,21 +125,18 @@ def test_pgd_step_larger_than_eps_is_refused(overrides, ok):
             validate(compose(overrides))
 
 
-def test_every_config_file_ships_in_the_wheel() -> None:
-    """pyproject's package-data globs reach every YAML in conf/ (a new group needs no line there)."""
-    import fnmatch
-
+def test_every_config_group_folder_ships_in_the_wheel() -> None:
+    """pyproject lists the conf/ folders one by one; a new group left out would not be installed."""
     tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11
     root = Path(__file__).resolve().parents[1]
-    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert tool["package-dir"]["robustsweep.conf"] == "conf" and "robustsweep.conf" in tool["packages"]
-    globs = tool["package-data"]["robustsweep.conf"]
-    files = [p.relative_to(root / "conf").as_posix() for p in (root / "conf").rglob("*.yaml")]
-    assert len(files) > 40
-    # fnmatch's * crosses "/", setuptools' does not: compare segment by segment
-    def reached(f: str) -> bool:
-        return any(g.count("/") == f.count("/") and fnmatch.fnmatch(f, g) for g in globs)
-    assert [f for f in files if not reached(f)] == []
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(("robustsweep", *d.relative_to(root).parts))
+        for d in [root / "conf", *(root / "conf").rglob("*")]
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }
+    assert folders, "no config folders found"
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
 
 
 def test_readmes_configuration_table_lists_every_group_and_option():
