@@ -260,7 +260,7 @@ def run(pack_dir: Path, out: Path, toy: bool, budget_s: float, work: Path) -> di
                               f"hydra.sweep.dir={grid_dir}"],
              timeout=deadline.left(reserve=150 if not toy else 30), env=env, cwd=work)
         bench = work / "bench.json"
-        step(result, "bench", [sys.executable, REPO / "scripts" / "bench.py",
+        step(result, "bench", [sys.executable, REPO / "scripts" / "bench" / "bench.py",
                                "--device", "cpu" if toy else "cuda", "--experiment", "gpu", "--data-root", root,
                                "--model", "resnet18", "--n-eval", "200" if toy else "10000",
                                "--skip", "plain,lean,growth,overhead,sweep", "--out", bench,
