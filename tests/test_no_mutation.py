@@ -149,7 +149,7 @@ def test_every_evaluator_gives_back_the_model_as_it_came(digits_model_copy, tmp_
         compress.finalize(compress.compress(model, cfg, ds))
     model.eval()
     ds = dataclasses.replace(ds, eval_idx=ds.eval_idx[:48])  # 48 images: the checks, not the numbers
-    enabled = {ev.name for ev in evaluators() if ev.enabled(cfg)}
+    enabled = {ev.name for ev in evaluators() if ev.on(cfg)}
     wanted = {ev.name for ev in evaluators()} - off
     assert enabled == wanted, f"evaluators this test does not switch on: {sorted(wanted - enabled)}"
 
