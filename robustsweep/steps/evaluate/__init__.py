@@ -161,7 +161,7 @@ def evaluators() -> list[Evaluator]:
         for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
             importlib.import_module(f"{__name__}.{m.name}")
         _discovered = True
-        plugins.load()  # other packages' evaluators (entry-point group robustsweep.plugins)
+    plugins.load()  # other packages' evaluators (a no-op once loaded; raises again if one failed)
     order: list[Evaluator] = []
 
     def visit(ev: Evaluator, path: tuple[str, ...]) -> None:
