@@ -22,7 +22,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from robustsweep.core import plugins
 from robustsweep.core.device import check_device
 from robustsweep.core.errors import ConfigError
 from robustsweep.core.params import check, nonnegative_int, number_in, parse_epsilon, positive_int, unlocked
@@ -112,7 +111,7 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
     from robustsweep.core.schema import Config
 
     top = {*Config.__dataclass_fields__, "hydra"}
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | set(plugins.groups())
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}  # a plug-in's new group is in ``top``
     # each +key=value override -> its key
     added = {o: o.lstrip("+").split("=", 1)[0].strip() for o in overrides if o.startswith("+")}
     for o, key in added.items():

@@ -32,7 +32,7 @@ from robustsweep.steps.models import with_amp
 from robustsweep.steps.train import baseline_cache_dir, get_baseline
 from robustsweep.tracking import reuse
 from robustsweep.tracking.cellrun import open_cell
-from robustsweep.tracking.store import component, prune_label
+from robustsweep.tracking.store import component, later_stages, prune_label
 from robustsweep.tracking.sweep import SUSPECT_TAG
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,9 @@ def _baseline(cfg: DictConfig, ds: Dataset, device: torch.device) -> tuple[torch
 
 def _title(cfg: DictConfig, measured: dict[str, float]) -> str:
     sparsity = measured.get("sparsity_measured", cfg.sparsity)
-    later = ""  # the stages after pruning that are on: " int8 8 bits"
-    for spec in compress.stages():
-        node = cfg.get(spec.group)
-        if spec.group != "prune" and isinstance(node, DictConfig) and component(node) not in ("none", "None"):
-            later += f" {component(node)}" + (f" {node.bits} bits" if node.get("bits") is not None else "")
+    # the stages after pruning that are on: " int8 8 bits"
+    later = "".join(f" {component(node)}" + (f" {node.bits} bits" if node.get("bits") is not None else "")
+                    for _, node in later_stages(cfg))
     return (f"{component(cfg.model)} {prune_label(cfg)} sparsity {sparsity:.2f}{later} | "
             f"{component(cfg.attack)} eps {eps_label(float(cfg.epsilon), attack_norm(cfg.attack))}")
 

@@ -136,9 +136,8 @@ def judge_claims(claims: list[Claim], conds: list[Condition], varying: list[str]
         for c in rows:
             t = c.deltas.get(cl.metric)
             said = _saturated(c, cl.metric, what) or (cl.judge(*t) if t else "no paired difference logged")
-            lines.append(f"- {cl.attack}, {_row_label(c.first, varying)} ({len(c.seeds)} seed"
-                         f"{'s' if len(c.seeds) > 1 else ''}), change in {what}: {said}"
-                         + (" († collapsed model)" if _collapsed(c) else ""))
+            lines.append(f"- {cl.attack}, {_row_label(c.first, varying)} ({_n_seeds(c)}), change in {what}: "
+                         f"{said}" + (" († collapsed model)" if _collapsed(c) else ""))
     return lines
 
 
@@ -275,6 +274,10 @@ def _attacked(cond: Condition) -> bool:
 
 def _collapsed(cond: Condition) -> bool:
     return any("collapsed" in c.get("suspect", "").split(",") for c in cond.cells)
+
+
+def _n_seeds(cond: Condition) -> str:
+    return f"{len(cond.seeds)} seed{'s' if len(cond.seeds) > 1 else ''}"
 
 
 def _saturated(cond: Condition, delta: str, what: str) -> str | None:
@@ -474,7 +477,7 @@ def write_page(client: Any, experiment: str, cells: list[dict[str, Any]], out_di
                     said += ("; † the compressed model is collapsed (near-chance clean accuracy or most "
                              "classes never predicted): its ASR describes a broken model, not a robust one")
                 verdicts.append(f"- {attack} eps {_eps(c.first)}, {_row_label(c.first, varying)} "
-                                f"({len(c.seeds)} seed{'s' if len(c.seeds) > 1 else ''}): {said}.")
+                                f"({_n_seeds(c)}): {said}.")
         lines.append("")
     lines += ["## Verdicts", "", *(verdicts or ["- no compressed cell with a reference comparison"]), ""]
     if claims:

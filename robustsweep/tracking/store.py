@@ -400,13 +400,20 @@ def run_name(cfg: DictConfig) -> str:
     small_cnn``; a quantized or fine-tuned cell names that too. A label for people, not an identity
     (cells are identified by ``robustsweep.cell``)."""
     eps = eps_label(float(cfg.epsilon), str(cfg.attack.get("norm") or "linf"))
-    from robustsweep.steps import compress  # here: this module is imported by processes without torch
-
-    after = [spec.group for spec in compress.stages() if spec.group != "prune"]  # prune leads, below
-    extra = [f"{group}={component(cfg[group])}" for group in (*after, "defend")
-             if isinstance(cfg.get(group), DictConfig) and component(cfg[group]) not in ("none", "None")]
+    extra = [f"{group}={component(node)}" for group, node in later_stages(cfg, "defend")]
     return " ".join([f"s{cfg.sparsity:.2f} {component(cfg.attack)} {eps} |", prune_label(cfg),
                      *extra, component(cfg.model)])
+
+
+def later_stages(cfg: DictConfig, *more: str) -> list[tuple[str, DictConfig]]:
+    """The compression stages after pruning that are on in ``cfg`` (then the ``more`` groups), in
+    order, with their nodes: what a cell's labels name after the prune method (run names, figure
+    titles)."""
+    from robustsweep.steps import compress  # here: this module is imported by processes without torch
+
+    groups = [*(spec.group for spec in compress.stages() if spec.group != "prune"), *more]
+    return [(g, cfg[g]) for g in groups
+            if isinstance(cfg.get(g), DictConfig) and component(cfg[g]) not in ("none", "None")]
 
 
 def prune_label(cfg: DictConfig) -> str:
